@@ -1,0 +1,108 @@
+"""Backends: each runs one fused step of a spec over a (device, dtype) group of tensors.
+
+A backend is a module-level object with:
+
+``name``
+    "torch", "cpp", "triton" or "cuda".
+``unavailable_reason() -> str | None``
+    None when it can run here, else why not (import failed, no GPU, ...).
+``supports(spec, device, dtype) -> str | None``
+    None when it can run this spec on tensors of this device and dtype, else why not.
+``step(spec, scalars, params, grads, hvps, state) -> None``
+    One step, in place, for every tensor of the group. ``params`` and ``grads`` are lists
+    of dense tensors on one device with one dtype; ``hvps`` is a list like ``grads`` when
+    the spec's curvature is HVP, else None; ``state`` maps each of ``spec.state_roles`` to
+    a list of tensors shaped like the params (see :mod:`fastopt.spec`). ``scalars`` is the
+    step's :class:`~fastopt.scalars.StepScalars`. The per-element rule is
+    :func:`fastopt.rule.update`.
+
+Backends are looked up by name through :func:`get`; "auto" picks the fastest one that
+supports the group (:func:`choose`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+import torch
+
+from ..spec import Spec
+
+# name -> module path; imported lazily so that a missing extension never breaks import.
+_MODULES = {
+    "torch": "fastopt.backends.torch_backend",
+    "cpp": "fastopt.backends.cpp_backend",
+    "triton": "fastopt.backends.triton_backend",
+    "cuda": "fastopt.backends.cuda_backend",
+}
+# Preference order of "auto" per device type.
+_AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
+
+_loaded: dict[str, Any] = {}
+_load_errors: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _load(name: str) -> Any | None:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose from {['auto', *_MODULES]}")
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except Exception as exc:  # a broken optional dependency must not break fastopt
+        _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    _loaded[name] = module
+    return module
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None if backend ``name`` can run on this machine, else the reason it cannot."""
+    module = _load(name)
+    if module is None:
+        return _load_errors[name]
+    return module.unavailable_reason()
+
+
+def backends() -> dict[str, str | None]:
+    """Every backend with None (available) or the reason it is not available."""
+    return {name: unavailable_reason(name) for name in _MODULES}
+
+
+def get(name: str) -> Any:
+    """The backend called ``name``; raises RuntimeError with the reason if unavailable."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"fastopt backend {name!r} is not available: {reason}")
+    return _loaded[name]
+
+
+def choose(requested: str, spec: Spec, device: torch.device, dtype: torch.dtype) -> Any:
+    """The backend to run a group: ``requested`` itself, or for "auto" the first backend in
+    the device's preference order that is available and supports the group."""
+    if requested != "auto":
+        backend = get(requested)
+        why = backend.supports(spec, device, dtype)
+        if why is not None:
+            raise ValueError(f"fastopt backend {requested!r} cannot run this group: {why}")
+        return backend
+    for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        reason = unavailable_reason(name)
+        if reason is not None:
+            if name == "cpp" and name not in _warned:
+                _warned.add(name)
+                warnings.warn(
+                    f"fastopt: the C++ backend is unavailable ({reason}); using the torch backend",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            continue
+        backend = _loaded[name]
+        if backend.supports(spec, device, dtype) is None:
+            return backend
+    return get("torch")

@@ -1,0 +1,197 @@
+"""The per-element update rule, written once for the Python-driven backends.
+
+:func:`update` is plain Python over an array-like type: it uses only ``+ - *  /``, unary
+minus and the three helpers :func:`sqrt`, :func:`maximum` and :func:`absolute`, which it
+looks up as module globals. The torch backend runs it on :class:`TensorList` (each
+operator one ``torch._foreach_*`` call over every tensor of the group); the Triton backend
+compiles the very same source with those helpers bound to Triton's, so the rule exists once
+for both. The C++ backends share ``csrc/update_math.h``, which mirrors this function line
+for line. Upper-case arguments are the spec's switches (compile-time constants for Triton
+and C++); the rest are tensors or :class:`~fastopt.scalars.StepScalars` fields.
+
+Integer codes of the switches are the enum values of :mod:`fastopt.spec`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sqrt(x):
+    return x.sqrt()
+
+
+def maximum(a, b):
+    return a.maximum(b)
+
+
+def absolute(x):
+    return x.abs()
+
+
+def update(
+    p, g, h, m, v, vmax, gavg, u,
+    lr, weight_decay, decay_factor, grad_scale,
+    m_decay, m_weight, m_out, g_out,
+    v_decay, v_weight, v_scale, eps,
+    MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+    HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+):  # fmt: skip
+    """One step for one element (or one list of tensors). Returns p, m, v, vmax, gavg, u.
+
+    Inputs that a spec does not use (m without momentum, h without HVP curvature, ...) are
+    passed through untouched and may be any placeholder.
+    """
+    if SCALE_GRAD:
+        g = g * grad_scale
+    if MAXIMIZE:
+        g = -g
+    if HAS_L2:
+        g = g + p * weight_decay
+    if DECOUPLED:
+        p = p * decay_factor
+    # curvature source of the denominator: the gradient or a Hessian-vector product
+    if HVP:
+        c = h
+    else:
+        c = g
+
+    # adaptive denominator -> precond = 1 / vbar (times Adadelta's numerator)
+    precond = g  # placeholder, overwritten whenever it is used
+    if DENOMINATOR != 0:
+        if NORM == 3:
+            a = absolute(c)
+            if EPS_INSIDE:
+                a = a + eps
+            v = maximum(v * v_decay, a)
+        else:
+            if NORM == 2:
+                a = c * c
+            else:
+                a = absolute(c)
+            v = v * v_decay + a * v_weight
+        if CENTERED:
+            gavg = gavg * v_decay + c * v_weight
+        if AMSGRAD:
+            vmax = maximum(vmax, v)
+            x = vmax * v_scale
+        else:
+            x = v * v_scale
+        if CENTERED:
+            mean = gavg * v_scale
+            x = x - mean * mean
+        if NORM == 2:
+            if EPS_INSIDE:
+                root = sqrt(x + eps)
+            else:
+                root = sqrt(x) + eps
+        elif NORM == 3:
+            if EPS_INSIDE:
+                root = x
+            else:
+                root = x + eps
+        else:
+            root = x + eps
+        if ADADELTA:
+            precond = sqrt(u * v_scale + eps) / root
+        else:
+            precond = 1.0 / root
+
+    # momentum, then the step
+    if DENOMINATOR != 0 and USE_DENOMINATOR:
+        s = g * precond
+    else:
+        s = g
+    if MOMENTUM != 0:
+        if MOMENTUM_INPUT == 0:
+            x_in = g
+        elif MOMENTUM_INPUT == 2:
+            x_in = s
+        else:
+            x_in = s * lr
+        m = m * m_decay + x_in * m_weight
+        if MOMENTUM == 2:
+            mbar = m * m_out + x_in * g_out
+        else:
+            mbar = m * m_out
+        if MOMENTUM_INPUT == 0:
+            if DENOMINATOR != 0 and USE_DENOMINATOR:
+                step = mbar * precond * lr
+            else:
+                step = mbar * lr
+        elif MOMENTUM_INPUT == 2:
+            step = mbar * lr
+        else:
+            step = mbar
+    else:
+        step = s * lr
+    if ADADELTA:
+        u = u * v_decay + s * s * v_weight
+    p = p - step
+    return p, m, v, vmax, gavg, u
+
+
+def switches(spec, scalars) -> dict[str, int]:
+    """The compile-time switches of :func:`update` for a spec and a step's scalars."""
+    return dict(
+        MOMENTUM=int(spec.momentum),
+        MOMENTUM_INPUT=int(spec.momentum_input),
+        DENOMINATOR=int(spec.denominator),
+        NORM=int(spec.norm),
+        EPS_INSIDE=int(spec.eps),
+        CENTERED=int(spec.centered),
+        AMSGRAD=int(spec.amsgrad),
+        HVP=int(spec.curvature),
+        ADADELTA=int(spec.extra == 1),
+        USE_DENOMINATOR=int(scalars.use_denominator),
+        HAS_L2=int(scalars.weight_decay != 0.0),
+        DECOUPLED=int(spec.weight_decay == 1 and scalars.decay_factor != 1.0),
+        MAXIMIZE=int(spec.maximize),
+        SCALE_GRAD=int(scalars.grad_scale != 1.0),
+    )
+
+
+class TensorList:
+    """A list of tensors with arithmetic done by torch's multi-tensor ``_foreach`` ops."""
+
+    __slots__ = ("ts",)
+
+    def __init__(self, ts: list[torch.Tensor]):
+        self.ts = ts
+
+    def _binary(self, other, op, scalar_op):
+        if isinstance(other, TensorList):
+            return TensorList(op(self.ts, other.ts))
+        return TensorList(scalar_op(self.ts, other))
+
+    def __add__(self, o):
+        return self._binary(o, torch._foreach_add, torch._foreach_add)
+
+    __radd__ = __add__
+
+    def __sub__(self, o):
+        return self._binary(o, torch._foreach_sub, torch._foreach_sub)
+
+    def __mul__(self, o):
+        return self._binary(o, torch._foreach_mul, torch._foreach_mul)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, o):
+        return self._binary(o, torch._foreach_div, torch._foreach_div)
+
+    def __rtruediv__(self, o):
+        # scalar / list: o * reciprocal(list)
+        return TensorList(torch._foreach_mul(torch._foreach_reciprocal(self.ts), o))
+
+    def __neg__(self):
+        return TensorList(torch._foreach_neg(self.ts))
+
+    def sqrt(self):
+        return TensorList(torch._foreach_sqrt(self.ts))
+
+    def abs(self):
+        return TensorList(torch._foreach_abs(self.ts))
+
+    def maximum(self, o):
+        return TensorList(torch._foreach_maximum(self.ts, o.ts))
