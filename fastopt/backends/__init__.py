@@ -16,6 +16,12 @@ A backend is a module-level object with:
     step's :class:`~fastopt.scalars.StepScalars`. The per-element rule is
     :func:`fastopt.rule.update`.
 
+    Storage options (chosen by the optimizer, not the rule): state tensors may have a
+    dtype other than the params (fp32 state for bf16/fp16 params, or bf16 state for fp32
+    params); math is always fp32 (fp64 for fp64 params). When ``state`` holds the role
+    "master" (fp32 copies of low-precision params), the rule reads and writes the master
+    as p and the param receives the master rounded to its own dtype.
+
 Backends are looked up by name through :func:`get`; "auto" picks the fastest one that
 supports the group (:func:`choose`).
 """
