@@ -73,8 +73,9 @@ def _momentum_coefficients(spec: Spec, h: dict[str, Any], t: int) -> tuple[float
     nesterov = spec.momentum == Momentum.NESTEROV
     sched = spec.mu_schedule
     if spec.momentum_accumulation == Accumulation.SUM:
-        mu_t = increasing_mu(t, mu) if sched == Schedule.INCREASING else mu
-        mu_next = increasing_mu(t + 1, mu) if sched == Schedule.INCREASING else mu
+        cap = float(h.get("mu_max") or mu)
+        mu_t = increasing_mu(t, cap) if sched == Schedule.INCREASING else mu
+        mu_next = increasing_mu(t + 1, cap) if sched == Schedule.INCREASING else mu
         # torch.optim.SGD starts the buffer at the first gradient, undamped.
         weight = 1.0 if t == 1 else 1.0 - float(h.get("dampening", 0.0))
         return mu_t, weight, (mu_next if nesterov else 1.0), (1.0 if nesterov else 0.0)
@@ -92,7 +93,7 @@ def _momentum_coefficients(spec: Spec, h: dict[str, Any], t: int) -> tuple[float
             return 1.0, 1.0, 1.0 / (t + 1), 1.0 / t
         return 1.0, 1.0, 1.0 / t, 0.0
     if sched == Schedule.INCREASING:
-        mu_max = float(h.get("mu_max", mu))
+        mu_max = float(h.get("mu_max") or mu)
         mu_t, mu_next = increasing_mu(t, mu_max), increasing_mu(t + 1, mu_max)
         return mu_t, 1.0 - mu_t, (mu_next if nesterov else 1.0), ((1.0 - mu_t) if nesterov else 0.0)
     if sched == Schedule.NADAM:
@@ -120,7 +121,7 @@ def _denominator_coefficients(spec: Spec, h: dict[str, Any], t: int) -> tuple[fl
         elif sched == Schedule.TRUE_MEAN:
             nu_t = (t - 1) / t
         else:
-            nu_t = increasing_mu(t, float(h.get("nu_max", nu)))
+            nu_t = increasing_mu(t, float(h.get("nu_max") or nu))
         return nu_t, 1.0, 1.0
     if sched == Schedule.CONSTANT:
         return nu, 1.0 - nu, 1.0
@@ -129,7 +130,7 @@ def _denominator_coefficients(spec: Spec, h: dict[str, Any], t: int) -> tuple[fl
     if sched == Schedule.TRUE_MEAN:
         return 1.0, 1.0, 1.0 / t
     if sched == Schedule.INCREASING:
-        nu_t = increasing_mu(t, float(h.get("nu_max", nu)))
+        nu_t = increasing_mu(t, float(h.get("nu_max") or nu))
         return nu_t, 1.0 - nu_t, 1.0
     raise AssertionError(sched)
 

@@ -279,6 +279,11 @@ def _why_invalid(s: Spec) -> str | None:  # noqa: C901 - one rule per line reads
             return "the NADAM schedule is for momentum only"
         if s.denominator == Denominator.SUM and s.nu_schedule != Schedule.CONSTANT:
             return "a SUM denominator (AdaGrad) never decays, so it takes no nu schedule"
+        if s.centered and s.denominator != Denominator.MEAN:
+            return "centering subtracts the squared running mean: it needs a MEAN denominator"
+        if s.centered and s.nu_schedule in (Schedule.BIAS_CORRECTION, Schedule.TRUE_MEAN):
+            # with nu_1 = 0 the first variance estimate is h^2 - h^2 = 0: the step is h / eps
+            return f"centering with nu schedule {s.nu_schedule.name} divides by eps at step 1"
         if s.centered and s.norm != Norm.L2:
             return "centering subtracts the squared mean: it needs the L2 norm"
         if s.eps == Eps.INSIDE and s.norm == Norm.L1:
@@ -288,6 +293,9 @@ def _why_invalid(s: Spec) -> str | None:  # noqa: C901 - one rule per line reads
     if s.extra == Extra.ADADELTA:
         if not (s.denominator == Denominator.MEAN and s.norm == Norm.L2 and s.momentum == Momentum.NONE):
             return "ADADELTA needs an L2 MEAN denominator and no momentum"
+        if s.nu_schedule in (Schedule.BIAS_CORRECTION, Schedule.TRUE_MEAN):
+            # the numerator uses u of the previous step, whose correction differs from today's
+            return "ADADELTA takes a CONSTANT or INCREASING nu schedule"
     if s.extra == Extra.RADAM:
         ok = (
             s.momentum == Momentum.CLASSICAL
