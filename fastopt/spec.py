@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import itertools
 from collections.abc import Iterator
 
@@ -185,6 +186,15 @@ class Spec:
             roles.append("u")
         return tuple(roles)
 
+    def key(self) -> str:
+        """A plain-string form (safe in checkpoints loaded with ``weights_only=True``)."""
+        return ",".join(f"{f.name}={int(getattr(self, f.name))}" for f in dataclasses.fields(self))
+
+    @staticmethod
+    def from_key(key: str) -> Spec:
+        """The spec of a :meth:`key` string."""
+        return _spec_from_key(key)
+
     def replace(self, **changes: object) -> Spec:
         """A copy with some switches changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -250,6 +260,15 @@ _DENOMINATOR_DEFAULTS = dict(
     curvature=Curvature.GRADIENT,
     nu_schedule=Schedule.CONSTANT,
 )
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec_from_key(key: str) -> Spec:
+    try:
+        fields = dict(item.split("=") for item in key.split(","))
+        return Spec(**{name: _FIELD_TYPES[name](int(value)) for name, value in fields.items()})
+    except (ValueError, KeyError) as exc:
+        raise SpecError(f"not a spec key: {key!r}") from exc
 
 
 def _why_invalid(s: Spec) -> str | None:  # noqa: C901 - one rule per line reads best here

@@ -1,0 +1,340 @@
+"""Triton kernels: the whole rule family as one multi-tensor kernel, plus a global L2 norm.
+
+The per-element rule is not rewritten here. :func:`compile_rule` takes the code object of
+:func:`fastopt.rule.update` and gives it a globals dict in which ``sqrt``, ``maximum`` and
+``absolute`` are Triton device functions; ``triton.jit`` then reads the rule's own source
+(through ``inspect``, which follows the code object back to ``fastopt/rule.py``) and resolves
+those names through the new globals. The rule's upper-case switches arrive as ``tl.constexpr``
+values from the kernel, so every ``if`` on them is resolved at compile time and each spec
+compiles to straight-line code.
+
+Multi-tensor layout (built by :mod:`fastopt.backends.triton_backend`): one launch per
+(device, dtype) group reads a device-side int64 table:
+
+* ``ptrs[t, a]``: address of array ``a`` (param, grad, state roles, ...) of tensor ``t``;
+* ``sizes[t]``: its element count;
+* ``chunks[c] = (t, start)``: program ``c`` steps elements ``[start, start + CHUNK)`` of
+  tensor ``t``, so programs do equal work however uneven the tensors are.
+
+Offsets are int64 throughout, so tensors over 2**31 elements index correctly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import triton
+import triton.language as tl
+
+from .. import rule
+from ..scalars import StepScalars
+
+# Array slots of the pointer table, in this order; absent roles take no slot.
+ARRAYS = ("p", "g", "h", "m", "v", "vmax", "gavg", "u", "master")
+STATE_ROLES = ("m", "v", "vmax", "gavg", "u")
+# Layout of the capturable scalars tensor: the StepScalars fields, then the rounding seed.
+SCALAR_FIELDS = (*StepScalars._fields, "seed")
+N_SCALARS = len(SCALAR_FIELDS)
+SWITCHES = tuple(n for n in inspect.signature(rule.update).parameters if n.isupper())
+
+
+@triton.jit
+def _sqrt(x):
+    # correctly rounded, like torch.sqrt (tl.sqrt may lower to an approximation)
+    return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _maximum(a, b):
+    # torch.maximum propagates NaN from either side; tl.maximum does not by default
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _absolute(x):
+    return tl.abs(x)
+
+
+def compile_rule() -> triton.JITFunction:
+    """:func:`fastopt.rule.update` compiled for Triton from its own source."""
+    fn = rule.update
+    scope = {
+        "__name__": __name__,  # Triton names and caches the function by its module
+        "__builtins__": fn.__globals__["__builtins__"],
+        "sqrt": _sqrt,
+        "maximum": _maximum,
+        "absolute": _absolute,
+    }
+    clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__qualname__ = "rule_update"
+    clone.__doc__ = fn.__doc__
+    return triton.jit(clone)
+
+
+update = compile_rule()
+
+
+@triton.jit
+def _array(ptrs, t, NA: tl.constexpr, SLOT: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Base pointer of array SLOT of tensor t, typed DT."""
+    addr = tl.load(ptrs + t * NA + SLOT)
+    if ALIGNED:
+        # every address is 16-byte aligned (checked on the host): allows 16-byte accesses
+        addr = tl.multiple_of(addr, 16)
+    return addr.to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _store(base, offs, x, mask, bits, SR: tl.constexpr):
+    """Store fp32 x to base's element type; SR: stochastic rounding to bf16 with the
+    random ``bits`` (adding 16 random low bits before truncating rounds up with probability
+    equal to the discarded fraction, so the rounding error has mean zero)."""
+    if SR:
+        raw = x.to(tl.uint32, bitcast=True)
+        raw = (raw + (bits & 0xFFFF)) & 0xFFFF0000
+        y = raw.to(tl.float32, bitcast=True)
+        y = tl.where(x != x, x, y)  # a NaN with only low mantissa bits must stay NaN
+        tl.store(base + offs, y.to(base.dtype.element_ty), mask=mask)
+    else:
+        tl.store(base + offs, x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scalar(scalars, i: tl.constexpr, host_value, FROM_TENSOR: tl.constexpr):
+    if FROM_TENSOR:
+        return tl.load(scalars + i).to(tl.float32)
+    else:
+        return host_value
+
+
+@triton.jit(do_not_specialize=["seed"])
+def step_kernel(
+    ptrs,
+    sizes,
+    chunks,
+    scalars,  # device StepScalars (SCALAR_FIELDS order) when SCALARS_FROM_TENSOR
+    inv_scale_ptr,  # device scalar multiplying the grads, when HAS_INV_SCALE
+    found_inf_ptr,  # device flag: nonzero leaves everything untouched, when HAS_FOUND_INF
+    lr,
+    weight_decay,
+    decay_factor,
+    grad_scale,
+    m_decay,
+    m_weight,
+    m_out,
+    g_out,
+    v_decay,
+    v_weight,
+    v_scale,
+    eps,
+    seed,
+    # layout: number of slots per tensor, slot (or -1) and element type of each array
+    NA: tl.constexpr,
+    S_H: tl.constexpr,
+    S_M: tl.constexpr,
+    S_V: tl.constexpr,
+    S_VMAX: tl.constexpr,
+    S_GAVG: tl.constexpr,
+    S_U: tl.constexpr,
+    S_MASTER: tl.constexpr,
+    DT_P: tl.constexpr,
+    DT_G: tl.constexpr,
+    DT_S: tl.constexpr,
+    SR: tl.constexpr,  # stochastic rounding of the bf16 state
+    ALIGNED: tl.constexpr,
+    SCALARS_FROM_TENSOR: tl.constexpr,
+    DYNAMIC_USE_DENOMINATOR: tl.constexpr,  # RAdam's switch read from the scalars tensor
+    HAS_INV_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    # the rule's switches
+    MOMENTUM: tl.constexpr,
+    MOMENTUM_INPUT: tl.constexpr,
+    DENOMINATOR: tl.constexpr,
+    NORM: tl.constexpr,
+    EPS_INSIDE: tl.constexpr,
+    CENTERED: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    HVP: tl.constexpr,
+    ADADELTA: tl.constexpr,
+    USE_DENOMINATOR: tl.constexpr,
+    HAS_L2: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunks + 2 * c)
+    start = tl.load(chunks + 2 * c + 1)
+    stop = tl.minimum(tl.load(sizes + t), start + CHUNK)
+
+    # step scalars: host arguments, or a device tensor so that a CUDA graph can replay them
+    lr = _scalar(scalars, 0, lr, SCALARS_FROM_TENSOR)
+    weight_decay = _scalar(scalars, 1, weight_decay, SCALARS_FROM_TENSOR)
+    decay_factor = _scalar(scalars, 2, decay_factor, SCALARS_FROM_TENSOR)
+    grad_scale = _scalar(scalars, 3, grad_scale, SCALARS_FROM_TENSOR)
+    m_decay = _scalar(scalars, 4, m_decay, SCALARS_FROM_TENSOR)
+    m_weight = _scalar(scalars, 5, m_weight, SCALARS_FROM_TENSOR)
+    m_out = _scalar(scalars, 6, m_out, SCALARS_FROM_TENSOR)
+    g_out = _scalar(scalars, 7, g_out, SCALARS_FROM_TENSOR)
+    v_decay = _scalar(scalars, 8, v_decay, SCALARS_FROM_TENSOR)
+    v_weight = _scalar(scalars, 9, v_weight, SCALARS_FROM_TENSOR)
+    v_scale = _scalar(scalars, 10, v_scale, SCALARS_FROM_TENSOR)
+    eps = _scalar(scalars, 11, eps, SCALARS_FROM_TENSOR)
+    if SCALARS_FROM_TENSOR:
+        seed = tl.load(scalars + 13).to(tl.int64)
+    if HAS_INV_SCALE:
+        grad_scale = grad_scale * tl.load(inv_scale_ptr).to(tl.float32)
+    skip = False
+    if HAS_FOUND_INF:
+        # an overflowed AMP step: every load and store below is masked off, no host sync
+        skip = tl.load(found_inf_ptr).to(tl.float32) != 0
+
+    p_base = _array(ptrs, t, NA, 0, DT_P, ALIGNED)
+    g_base = _array(ptrs, t, NA, 1, DT_G, ALIGNED)
+    if S_MASTER >= 0:
+        w_base = _array(ptrs, t, NA, S_MASTER, tl.float32, ALIGNED)
+    else:
+        w_base = p_base
+    h_base = g_base
+    if S_H >= 0:
+        h_base = _array(ptrs, t, NA, S_H, DT_G, ALIGNED)
+    m_base = p_base
+    if S_M >= 0:
+        m_base = _array(ptrs, t, NA, S_M, DT_S, ALIGNED)
+    v_base = p_base
+    if S_V >= 0:
+        v_base = _array(ptrs, t, NA, S_V, DT_S, ALIGNED)
+    vmax_base = p_base
+    if S_VMAX >= 0:
+        vmax_base = _array(ptrs, t, NA, S_VMAX, DT_S, ALIGNED)
+    gavg_base = p_base
+    if S_GAVG >= 0:
+        gavg_base = _array(ptrs, t, NA, S_GAVG, DT_S, ALIGNED)
+    u_base = p_base
+    if S_U >= 0:
+        u_base = _array(ptrs, t, NA, S_U, DT_S, ALIGNED)
+
+    for i in tl.range(0, stop - start, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = offs < stop
+        if HAS_FOUND_INF:
+            mask = mask & (skip == 0)
+        p = tl.load(w_base + offs, mask=mask).to(tl.float32)
+        g = tl.load(g_base + offs, mask=mask).to(tl.float32)
+        # unused roles get a placeholder: the rule passes them through untouched
+        h = g
+        if S_H >= 0:
+            h = tl.load(h_base + offs, mask=mask).to(tl.float32)
+        m = p
+        if S_M >= 0:
+            m = tl.load(m_base + offs, mask=mask).to(tl.float32)
+        v = p
+        if S_V >= 0:
+            v = tl.load(v_base + offs, mask=mask).to(tl.float32)
+        vmax = p
+        if S_VMAX >= 0:
+            vmax = tl.load(vmax_base + offs, mask=mask).to(tl.float32)
+        gavg = p
+        if S_GAVG >= 0:
+            gavg = tl.load(gavg_base + offs, mask=mask).to(tl.float32)
+        u = p
+        if S_U >= 0:
+            u = tl.load(u_base + offs, mask=mask).to(tl.float32)
+
+        if DYNAMIC_USE_DENOMINATOR:
+            # RAdam under a CUDA graph: whether the rectified step applies changes with the
+            # step number, so both forms are computed and the scalars tensor picks one.
+            use = tl.load(scalars + 12) != 0
+            p1, m1, v1, vmax1, gavg1, u1 = update(
+                p, g, h, m, v, vmax, gavg, u,
+                lr, weight_decay, decay_factor, grad_scale,
+                m_decay, m_weight, m_out, g_out, v_decay, v_weight, v_scale, eps,
+                MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+                HVP, ADADELTA, 1, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+            )  # fmt: skip
+            p0, m0, v0, vmax0, gavg0, u0 = update(
+                p, g, h, m, v, vmax, gavg, u,
+                lr, weight_decay, decay_factor, grad_scale,
+                m_decay, m_weight, m_out, g_out, v_decay, v_weight, v_scale, eps,
+                MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+                HVP, ADADELTA, 0, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+            )  # fmt: skip
+            p = tl.where(use, p1, p0)
+            m = tl.where(use, m1, m0)
+            v = tl.where(use, v1, v0)
+            vmax = tl.where(use, vmax1, vmax0)
+            gavg = tl.where(use, gavg1, gavg0)
+            u = tl.where(use, u1, u0)
+        else:
+            p, m, v, vmax, gavg, u = update(
+                p, g, h, m, v, vmax, gavg, u,
+                lr, weight_decay, decay_factor, grad_scale,
+                m_decay, m_weight, m_out, g_out, v_decay, v_weight, v_scale, eps,
+                MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+                HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+            )  # fmt: skip
+
+        if SR:
+            # four independent streams per element: one per state role that can coexist
+            # (Adadelta's u has no momentum beside it, so it shares m's stream)
+            r0, r1, r2, r3 = tl.randint4x(seed, offs + (t << 40))
+        else:
+            r0 = offs
+            r1 = offs
+            r2 = offs
+            r3 = offs
+        tl.store(w_base + offs, p.to(w_base.dtype.element_ty), mask=mask)
+        if S_MASTER >= 0:
+            tl.store(p_base + offs, p.to(DT_P), mask=mask)
+        if S_M >= 0:
+            _store(m_base, offs, m, mask, r0, SR)
+        if S_V >= 0:
+            _store(v_base, offs, v, mask, r1, SR)
+        if S_VMAX >= 0:
+            _store(vmax_base, offs, vmax, mask, r2, SR)
+        if S_GAVG >= 0:
+            _store(gavg_base, offs, gavg, mask, r3, SR)
+        if S_U >= 0:
+            _store(u_base, offs, u, mask, r0, SR)
+
+
+@triton.jit
+def sumsq_kernel(
+    ptrs,
+    sizes,
+    chunks,
+    partials,  # fp32 [n_chunks]
+    counter,  # int32 [1], zero before and after each launch
+    out,  # fp32 [1]: the global L2 norm
+    n_chunks,
+    DT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FINAL_BLOCK: tl.constexpr,
+):
+    """Sum of squares of each chunk; the last program to finish adds the partials in a fixed
+    order (deterministic, unlike atomically added floats) and writes the square root."""
+    c = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunks + 2 * c)
+    start = tl.load(chunks + 2 * c + 1)
+    stop = tl.minimum(tl.load(sizes + t), start + CHUNK)
+    base = _array(ptrs, t, 1, 0, DT, ALIGNED)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.range(0, stop - start, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        x = tl.load(base + offs, mask=offs < stop, other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(partials + c, tl.sum(acc, axis=0))
+    # acq_rel: this program's partial is visible to whichever program finishes last
+    done = tl.atomic_add(counter, 1, sem="acq_rel")
+    if done == n_chunks - 1:
+        total = tl.zeros([FINAL_BLOCK], dtype=tl.float32)
+        for j in tl.range(0, n_chunks, FINAL_BLOCK):
+            idx = j + tl.arange(0, FINAL_BLOCK)
+            total += tl.load(partials + idx, mask=idx < n_chunks, other=0.0, cache_modifier=".cg")
+        tl.store(out, tl.sqrt_rn(tl.sum(total, axis=0)))
+        tl.store(counter, 0)  # ready for the next launch (and for CUDA graph replays)

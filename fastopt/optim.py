@@ -1,0 +1,380 @@
+"""The torch.optim layer: :class:`FusedOptimizer` runs any spec through a backend.
+
+Named optimizers (``fastopt.Adam`` and friends, in :mod:`fastopt.presets`) are thin
+subclasses that translate torch.optim's constructor arguments into a spec and fastopt's
+generic hyperparameter names, and name the state tensors as torch.optim does, so that
+checkpoints move between the two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from . import backends
+from .scalars import StepScalars, step_scalars
+from .spec import Curvature, Denominator, Spec
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+# role -> state key used when a subclass does not rename it
+GENERIC_STATE_KEYS = {
+    "m": "exp_avg",
+    "v": "exp_avg_sq",
+    "vmax": "max_exp_avg_sq",
+    "gavg": "grad_avg",
+    "u": "acc_delta",
+    "master": "master_param",
+}
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ValueError(message) unless ``condition`` (torch.optim's wording is kept)."""
+    if not condition:
+        raise ValueError(message)
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """An optimizer for any :class:`~fastopt.spec.Spec`, stepped by a fused backend.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        spec: the update rule (a group may override it with its own ``spec`` key).
+        lr: learning rate alpha.
+        mu: momentum decay.
+        nu: denominator decay.
+        eps: the denominator's epsilon.
+        weight_decay: L2 or decoupled (per the spec) weight decay coefficient.
+        dampening: torch SGD's dampening, for SUM momentum accumulation.
+        mu_max, nu_max: caps of the INCREASING schedule (default: mu, nu).
+        momentum_decay: psi of the NADAM momentum schedule.
+        lr_decay: Adagrad-style lr decay, lr / (1 + (t - 1) lr_decay).
+        initial_accumulator_value: start value of a SUM denominator.
+        max_grad_norm: if set, gradients are clipped to this global L2 norm first
+            (``torch.nn.utils.clip_grad_norm_`` semantics, over all params of the step).
+        backend: "auto" (fastest available per device and dtype) or one backend's name.
+        state_dtype: dtype of the optimizer state (default: the param's dtype, as torch).
+        master_weights: keep fp32 copies of fp16/bf16 params and step those.
+
+    Example::
+
+        from fastopt import FusedOptimizer, presets
+        opt = FusedOptimizer(model.parameters(), spec=presets.spec("adam_linf"), lr=2e-3)
+    """
+
+    state_keys: ClassVar[dict[str, str]] = GENERIC_STATE_KEYS
+    # torch.optim.SGD keeps no 'step' in its state; every other optimizer does
+    keeps_step: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        spec: Spec | None = None,
+        lr: float = 1e-3,
+        mu: float = 0.9,
+        nu: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        dampening: float = 0.0,
+        mu_max: float | None = None,
+        nu_max: float | None = None,
+        momentum_decay: float = 4e-3,
+        lr_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        *,
+        max_grad_norm: float | None = None,
+        backend: str = "auto",
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool = False,
+    ) -> None:
+        if spec is None:
+            raise TypeError("FusedOptimizer needs a spec (see fastopt.presets.spec(name))")
+        check(lr >= 0.0, f"Invalid learning rate: {lr}")
+        check(0.0 <= mu <= 1.0, f"Invalid mu value: {mu}")
+        check(0.0 <= nu <= 1.0, f"Invalid nu value: {nu}")
+        check(eps >= 0.0, f"Invalid epsilon value: {eps}")
+        check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
+        if not isinstance(spec, Spec):
+            raise TypeError(f"spec must be a fastopt Spec, got {type(spec).__name__}")
+        defaults = dict(
+            spec=spec.key(),
+            lr=lr,
+            mu=mu,
+            nu=nu,
+            eps=eps,
+            weight_decay=weight_decay,
+            dampening=dampening,
+            mu_max=mu_max,
+            nu_max=nu_max,
+            momentum_decay=momentum_decay,
+            lr_decay=lr_decay,
+            initial_accumulator_value=initial_accumulator_value,
+        )
+        self._init_options(backend, max_grad_norm, state_dtype, master_weights)
+        super().__init__(params, defaults)
+
+    # -- options that are not hyperparameters -------------------------------------------
+    def _init_options(
+        self,
+        backend: str,
+        max_grad_norm: float | None,
+        state_dtype: torch.dtype | None,
+        master_weights: bool,
+    ) -> None:
+        if backend not in _BACKEND_NAMES:
+            raise ValueError(f"unknown backend {backend!r}; choose from {_BACKEND_NAMES}")
+        if max_grad_norm is not None:
+            check(max_grad_norm > 0.0, f"Invalid max_grad_norm value: {max_grad_norm}")
+        if state_dtype is not None and state_dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"state_dtype must be a floating-point dtype, got {state_dtype}")
+        self.backend = backend
+        self.max_grad_norm = max_grad_norm
+        self.state_dtype = state_dtype
+        self.master_weights = master_weights
+        self._steps: dict[torch.Tensor, int] = {}
+
+    # -- what subclasses translate ------------------------------------------------------
+    def group_spec(self, group: dict[str, Any]) -> Spec:
+        """The spec that steps this group (a group may hold a Spec or its key string)."""
+        spec = group["spec"]
+        return spec if isinstance(spec, Spec) else Spec.from_key(spec)
+
+    def group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters under fastopt's generic names."""
+        return group
+
+    def _extra_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Subclass hook: state entries torch keeps beyond the rule's (NAdam's mu_product)."""
+
+    def _after_step(self, group: dict[str, Any], states: list[dict[str, Any]], t: int) -> None:
+        """Subclass hook: update those extra entries after a step at step number t."""
+
+    # -- the step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step over every param group.
+
+        With a Hessian-vector curvature (equilibrated SGD) ``closure`` is required and
+        must return the loss with its autograd graph intact, without calling backward:
+        the optimizer computes the gradient and H u itself (p.grad is overwritten).
+        """
+        specs = [self.group_spec(g) for g in self.param_groups]
+        hvps: dict[torch.Tensor, torch.Tensor] = {}
+        if any(s.curvature == Curvature.HVP for s in specs):
+            loss, hvps = self._gradient_and_hvp(closure, specs)
+        else:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+
+        plans = [self._plan_group(g, s, hvps) for g, s in zip(self.param_groups, specs)]
+        grad_scale = self._grad_scale(plans)
+        if grad_scale is None:  # a scaler found inf/nan: skip the whole step
+            return loss
+        for group, spec, plan in zip(self.param_groups, specs, plans):
+            self._run_group(group, spec, plan, grad_scale)
+        return loss
+
+    def _plan_group(self, group: dict[str, Any], spec: Spec, hvps: dict) -> list[tuple]:
+        """Validate a group and list (param, grad, hvp) for params with a gradient.
+
+        Everything that can be wrong is checked here, before any tensor is modified.
+        """
+        plan = []
+        device = dtype = None
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"fastopt {type(self).__name__} does not support sparse gradients")
+            if torch.is_complex(p) or torch.is_complex(g):
+                raise RuntimeError(
+                    f"fastopt {type(self).__name__} does not support complex parameters; "
+                    "step torch.view_as_real(param) instead"
+                )
+            if p.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(f"fastopt steps floating-point params, got {p.dtype}")
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise RuntimeError(
+                    f"gradient ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match its "
+                    f"parameter ({tuple(p.shape)}, {p.dtype}, {p.device})"
+                )
+            if device is None:
+                device, dtype = p.device, p.dtype
+            elif p.device != device:
+                raise ValueError(
+                    f"all params of a param group must be on one device; found {device} and {p.device}"
+                )
+            elif p.dtype != dtype:
+                raise ValueError(
+                    f"all params of a param group must have one dtype; found {dtype} and {p.dtype} "
+                    "(put them in separate param groups)"
+                )
+            self._check_state(p, spec)
+            plan.append((p, g, hvps.get(p)))
+        if spec.curvature == Curvature.HVP and plan and any(h is None for _, _, h in plan):
+            raise RuntimeError("a Hessian-vector product is missing for a param with a gradient")
+        return plan
+
+    def _check_state(self, p: torch.Tensor, spec: Spec) -> None:
+        state = self.state.get(p)
+        if not state:
+            return
+        for role in spec.state_roles:
+            key = self.state_keys[role]
+            value = state.get(key)
+            if value is not None and value.shape != p.shape:
+                raise ValueError(
+                    f"optimizer state {key!r} has shape {tuple(value.shape)} but its param has "
+                    f"shape {tuple(p.shape)}"
+                )
+
+    def _grad_scale(self, plans: list[list[tuple]]) -> float | None:
+        """The gradient multiplier of this step: AMP unscaling times norm clipping.
+
+        None when a GradScaler reported inf/nan gradients (the step is skipped, nothing is
+        modified).
+        """
+        scale = 1.0
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return None
+        amp_scale = getattr(self, "grad_scale", None)
+        if amp_scale is not None:
+            scale = 1.0 / float(amp_scale)
+        if self.max_grad_norm is not None:
+            grads = [g for plan in plans for _, g, _ in plan]
+            if grads:
+                norms = torch._foreach_norm(grads, 2.0)
+                total = float(torch.linalg.vector_norm(torch.stack([n.double().cpu() for n in norms]), 2.0))
+                total *= scale
+                # clip_grad_norm_: coefficient max_norm / (norm + 1e-6), clamped to 1
+                coef = self.max_grad_norm / (total + 1e-6)
+                if math.isfinite(total) and coef < 1.0:
+                    scale *= coef
+                elif not math.isfinite(total):
+                    scale *= coef  # nan/inf norm: clip_grad_norm_ multiplies by nan/0 too
+        return scale
+
+    def _run_group(self, group: dict[str, Any], spec: Spec, plan: list[tuple], grad_scale: float) -> None:
+        if not plan:
+            return
+        hyper = self.group_hyper(group)
+        buckets: dict[tuple, list[tuple]] = defaultdict(list)
+        for p, g, hv in plan:
+            state = self.state[p]
+            t = self._init_state(group, spec, p, state, hyper) + 1
+            buckets[(p.device, p.dtype, t)].append((p, g, hv, state))
+        lr = group["lr"]
+        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+        for (device, dtype, t), items in buckets.items():
+            scalars = step_scalars(spec, hyper, t, lr=lr)
+            if grad_scale != 1.0:
+                scalars = scalars._replace(grad_scale=grad_scale)
+            self._launch(spec, scalars, device, dtype, items)
+            states = [st for *_, st in items]
+            for p, *_ in items:
+                self._steps[p] = t
+            if self.keeps_step:
+                torch._foreach_add_([st["step"] for st in states], 1.0)
+            self._after_step(group, states, t)
+
+    def _launch(self, spec: Spec, scalars: StepScalars, device, dtype, items: list[tuple]) -> None:
+        params = [p for p, *_ in items]
+        grads = [g for _, g, _, _ in items]
+        hvps = [hv for _, _, hv, _ in items] if spec.curvature == Curvature.HVP else None
+        state = {role: [st[self.state_keys[role]] for *_, st in items] for role in spec.state_roles}
+        if self.master_weights and dtype in (torch.float16, torch.bfloat16):
+            state["master"] = [st[self.state_keys["master"]] for *_, st in items]
+        backend = backends.choose(self.backend, spec, device, dtype)
+        backend.step(spec, scalars, params, grads, hvps, state)
+
+    def _init_state(
+        self, group: dict[str, Any], spec: Spec, p: torch.Tensor, state: dict[str, Any], hyper: dict
+    ) -> int:
+        """Create missing state lazily; return the number of steps already taken."""
+        t = self._steps.get(p)
+        if t is None:  # first use, or after load_state_dict: read it before creating state
+            t = self._steps_from_state(state)
+            self._steps[p] = t
+        if self.keeps_step and "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+        dtype = self.state_dtype or p.dtype
+        for role in spec.state_roles:
+            key = self.state_keys[role]
+            if state.get(key) is None:
+                fill = 0.0
+                if role == "v" and spec.denominator == Denominator.SUM:
+                    fill = float(hyper.get("initial_accumulator_value", 0.0))
+                state[key] = torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
+        if self.master_weights and p.dtype in (torch.float16, torch.bfloat16):
+            key = self.state_keys["master"]
+            if key not in state:
+                state[key] = p.detach().float()
+        self._extra_state(group, p, state)
+        return t
+
+    def _steps_from_state(self, state: dict[str, Any]) -> int:
+        if self.keeps_step:
+            return int(state["step"].item()) if "step" in state else 0
+        # torch SGD: only whether the momentum buffer exists matters
+        return 1 if state.get(self.state_keys["m"]) is not None else 0
+
+    def _gradient_and_hvp(self, closure, specs) -> tuple[Any, dict]:
+        if closure is None:
+            raise RuntimeError(
+                "curvature=HVP (equilibrated SGD) needs a closure that returns the loss: "
+                "optimizer.step(lambda: loss_fn(model(x), y))"
+            )
+        with torch.enable_grad():
+            loss = closure()
+            if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+                raise RuntimeError("the closure must return the loss tensor with its autograd graph")
+            params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            curv = {p for g, s in zip(self.param_groups, specs) if s.curvature == Curvature.HVP for p in g["params"]}
+            pairs = [(p, gr) for p, gr in zip(params, grads) if p in curv and gr is not None]
+            us = [torch.randn_like(p) for p, _ in pairs]
+            hv = torch.autograd.grad([gr for _, gr in pairs], [p for p, _ in pairs], grad_outputs=us, allow_unused=True)
+        for p, gr in zip(params, grads):
+            p.grad = None if gr is None else gr.detach()
+        hvps = {p: (torch.zeros_like(p) if h is None else h.detach()) for (p, _), h in zip(pairs, hv)}
+        return loss.detach(), hvps
+
+    # -- checkpoints --------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's loader, after checking state shapes (nothing changes on error)."""
+        groups = self.param_groups
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or "state" not in state_dict:
+            raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups'")
+        if len(saved_groups) != len(groups):
+            raise ValueError(f"the state_dict has {len(saved_groups)} param groups, the optimizer {len(groups)}")
+        index = {}
+        for group, saved in zip(groups, saved_groups):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError("a param group of the state_dict differs in size from the optimizer's")
+            index.update(zip(saved["params"], group["params"]))
+        for key, value in state_dict["state"].items():
+            p = index.get(key)
+            if p is None:
+                raise ValueError(f"state_dict state refers to unknown param index {key!r}")
+            for name, tensor in value.items():
+                if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.shape != p.shape:
+                    raise ValueError(
+                        f"state {name!r} of param {key} has shape {tuple(tensor.shape)}, "
+                        f"the param {tuple(p.shape)}"
+                    )
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._steps.clear()
