@@ -7,7 +7,7 @@ Triton or CUDA C++ on the GPU, torch's ``_foreach`` ops anywhere.
 """
 
 from . import presets, schedules
-from .backends import backends
+from .backends import backends as available_backends
 from .optim import FusedOptimizer
 from .presets import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop
 from .spec import Spec, SpecError, family
@@ -25,7 +25,7 @@ __all__ = [
     "RMSprop",
     "Spec",
     "SpecError",
-    "backends",
+    "available_backends",
     "family",
     "presets",
     "schedules",

@@ -269,8 +269,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         hyper = self.group_hyper(group)
         buckets: dict[tuple, list[tuple]] = defaultdict(list)
+        # torch keeps no state at all for a stateless rule (plain SGD): neither do we
+        stateless = not (self.keeps_step or spec.state_roles or self.master_weights)
         for p, g, hv in plan:
-            state = self.state[p]
+            state = {} if stateless else self.state[p]
             t = self._init_state(group, spec, p, state, hyper) + 1
             buckets[(p.device, p.dtype, t)].append((p, g, hv, state))
         lr = group["lr"]

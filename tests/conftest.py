@@ -1,0 +1,31 @@
+"""Shared test configuration.
+
+Hypothesis runs a fixed, derandomized profile in CI so runs are reproducible; set
+FASTOPT_HYPOTHESIS_PROFILE=thorough for many more examples.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests import optim_db and helpers
+
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=1000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("FASTOPT_HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,121 @@
+"""The whole family on every CPU backend against the NumPy reference, and the reference
+itself against closed forms worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from helpers import max_rel_err, run_backend_vs_reference
+from optim_db import cpu_backends
+
+from fastopt import presets
+from fastopt.reference import Reference
+from fastopt.spec import Spec, WeightDecay, family
+
+FAMILY = list(family())
+# every hyperparameter set away from its neutral value, so every coefficient matters
+HYPER = dict(
+    lr=0.01, mu=0.9, nu=0.99, eps=1e-3, weight_decay=0.1, dampening=0.1, mu_max=0.95, nu_max=0.995,
+    initial_accumulator_value=0.1, lr_decay=0.01, momentum_decay=0.1,
+)  # fmt: skip
+SHAPES = [(3,), (2, 2), (0,), (1,)]
+
+
+def test_family_size():
+    # Dozat counts ~750 variants of Algorithm 1; fastopt's switches add AMSGrad, centering,
+    # eps placement, the NAdam schedule, Adadelta and RAdam
+    assert len(FAMILY) == len(set(FAMILY)) > 3000
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("chunk", range(8))
+def test_every_spec_matches_reference_float64(backend, chunk):
+    """4 steps of every spec in float64: agreement to 1e-10 (rounding only)."""
+    failures = []
+    for spec in FAMILY[chunk::8]:
+        ours, ref = run_backend_vs_reference(spec, HYPER, SHAPES, steps=4, backend=backend)
+        err = max_rel_err(ours, ref)
+        if not err < 1e-10:
+            failures.append((spec.short(), err))
+    assert not failures, failures[:10]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_orthogonal_switches_match_reference(backend):
+    """Decoupled decay and maximize on a spread of the family."""
+    failures = []
+    for spec in FAMILY[::37]:
+        for changes in ({"weight_decay": WeightDecay.DECOUPLED}, {"maximize": True}):
+            s = spec.replace(**changes)
+            ours, ref = run_backend_vs_reference(s, HYPER, SHAPES, steps=3, backend=backend)
+            if not max_rel_err(ours, ref) < 1e-10:
+                failures.append(s.short())
+    assert not failures, failures[:10]
+
+
+# ---- the reference against hand-derived values --------------------------------------------
+
+
+def test_reference_adam_first_step_is_sign_step():
+    # bias-corrected: m_hat = g, v_hat = g^2, so the first step is lr * g / (|g| + eps)
+    g = np.array([0.5, -2.0, 3.0])
+    ref = Reference(presets.spec("adam"), dict(lr=0.1, mu=0.9, nu=0.999, eps=0.0), [np.zeros(3)])
+    ref.step([g])
+    np.testing.assert_allclose(ref.params[0], -0.1 * np.sign(g), rtol=1e-14)
+
+
+def test_reference_true_mean_momentum_is_arithmetic_mean():
+    spec = Spec(momentum=1, mu_schedule=2)  # classical momentum, true-mean schedule
+    grads = [np.array([1.0]), np.array([2.0]), np.array([6.0])]
+    ref = Reference(spec, dict(lr=1.0, mu=0.5), [np.zeros(1)])
+    moved = 0.0
+    for k, g in enumerate(grads, 1):
+        ref.step([g])
+        moved += np.mean([x[0] for x in grads[:k]])  # step k moves by the mean of g_1..g_k
+    np.testing.assert_allclose(ref.params[0], [-moved], rtol=1e-14)
+
+
+def test_reference_sutskever_schedule_values():
+    from fastopt.reference import sutskever_mu
+
+    # 1 - 2^(-1 - log2(floor(t/250) + 1)): 0.5 up to t=249, 0.75 from 250, 5/6 from 500
+    assert sutskever_mu(1, 0.99) == 0.5
+    assert sutskever_mu(250, 0.99) == 0.75
+    assert sutskever_mu(500, 0.99) == pytest.approx(1 - 1 / 6)
+    assert sutskever_mu(10**9, 0.95) == 0.95
+
+
+def test_reference_adagrad_two_steps():
+    g1, g2 = 3.0, 4.0
+    ref = Reference(presets.spec("adagrad"), dict(lr=1.0, eps=0.0), [np.zeros(1)])
+    ref.step([np.array([g1])])
+    ref.step([np.array([g2])])
+    expected = -(g1 / 3.0 + g2 / 5.0)  # sqrt(9) = 3, sqrt(9 + 16) = 5
+    np.testing.assert_allclose(ref.params[0], [expected], rtol=1e-14)
+
+
+def test_reference_adamax_is_running_max():
+    ref = Reference(presets.spec("adamax"), dict(lr=1.0, mu=0.0, nu=0.5, eps=0.0), [np.zeros(1)])
+    ref.step([np.array([4.0])])  # u = 4, m_hat = 4: step 1
+    ref.step([np.array([1.0])])  # u = max(0.5 * 4, 1) = 2, m = 1: step 0.5
+    np.testing.assert_allclose(ref.params[0], [-1.5], rtol=1e-14)
+
+
+def test_reference_radam_early_steps_are_sgd_momentum():
+    # rho_t <= 5 for the first steps with beta2 = 0.999: update = lr * m_hat
+    ref = Reference(presets.spec("radam"), dict(lr=0.1, mu=0.9, nu=0.999, eps=1e-8), [np.zeros(1)])
+    ref.step([np.array([2.0])])
+    np.testing.assert_allclose(ref.params[0], [-0.2], rtol=1e-14)
+
+
+def test_reference_nadam_first_step():
+    b1, psi = 0.9, 4e-3
+    mu1, mu2 = b1 * (1 - 0.5 * 0.96**psi), b1 * (1 - 0.5 * 0.96 ** (2 * psi))
+    g = 2.0
+    # m = (1 - b1) g, v_hat = g^2: step = lr/|g| ((1 - mu1)/(1 - mu1) g + mu2/(1 - mu1 mu2) (1 - b1) g)
+    expected = -0.1 * (1.0 + mu2 / (1 - mu1 * mu2) * (1 - b1)) * math.copysign(1, g)
+    ref = Reference(presets.spec("nadam"), dict(lr=0.1, mu=b1, nu=0.999, eps=0.0, momentum_decay=psi), [np.zeros(1)])
+    ref.step([np.array([g])])
+    np.testing.assert_allclose(ref.params[0], [expected], rtol=1e-13)
