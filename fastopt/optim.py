@@ -69,6 +69,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     state_keys: ClassVar[dict[str, str]] = GENERIC_STATE_KEYS
+    # torch.amp.GradScaler then hands us grad_scale and found_inf instead of unscaling the
+    # gradients itself: unscaling happens inside the fused step, and found_inf skips it
+    _step_supports_amp_scaling: ClassVar[bool] = True
     # torch.optim.SGD keeps no 'step' in its state; every other optimizer does
     keeps_step: ClassVar[bool] = True
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import optim_db and helpers
@@ -29,3 +31,12 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("FASTOPT_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def float64_default():
+    """float64 default dtype: torch keeps scalar state (NAdam's mu_product) in it."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -40,15 +40,6 @@ def run_pair(info, kw, backend, dtype, steps=STEPS, seed=0):
     return p0, ours, theirs, opt_ours, opt_theirs
 
 
-@pytest.fixture
-def float64_default():
-    # torch keeps scalar state (NAdam's mu_product) in the default dtype
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("info,kw", CASES, ids=[case_id(i, k) for i, k in CASES])
 def test_float64_matches_torch(info, kw, backend, float64_default):

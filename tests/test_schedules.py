@@ -1,0 +1,93 @@
+"""Learning-rate schedules: the papers' formulas, and both directions of scheduler use."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastopt
+from fastopt import schedules
+
+
+def test_step_decay_halves_every_five():
+    assert [schedules.step_decay_lr(1.0, k) for k in (0, 4, 5, 9, 10)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+
+
+def test_exponential_decay_variants():
+    assert schedules.exponential_decay_lr(1.0, 3) == pytest.approx(math.exp(-0.3))
+    # Dozat: x0.94 every two epochs
+    assert schedules.exponential_decay_lr(2.0, 5, rate=0.94, every=2) == pytest.approx(2.0 * 0.94**2)
+
+
+def test_taso_matches_the_papers_limits():
+    lr_i, total = 0.05, 100
+    # eq. (1) at k = beta k_t: the sigmoid is exactly at its midpoint
+    assert schedules.taso_lr(lr_i, 70, total) == pytest.approx(lr_i / 2 + lr_i / 20)
+    # eqs. (2)-(7): with alpha beta > 6 and alpha (1 - beta) > 6, the ends are within 5 %
+    first, last = schedules.taso_lr(lr_i, 1, total), schedules.taso_lr(lr_i, total, total)
+    assert abs(first - (lr_i + lr_i / 20)) / (lr_i + lr_i / 20) < 0.05
+    assert abs(last - lr_i / 20) / (lr_i / 20) < 0.05
+    values = [schedules.taso_lr(lr_i, k, total) for k in range(1, total + 1)]
+    assert all(a > b for a, b in zip(values, values[1:]))  # strictly decreasing
+
+
+def test_taso_scheduler_on_fastopt_sets_group_lr():
+    p = torch.zeros(2, requires_grad=True)
+    opt = fastopt.SGD([p], lr=0.05, momentum=0.9)
+    sched = schedules.TASO(opt, total=10)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        p.grad = torch.ones(2)
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([schedules.taso_lr(0.05, k, 10) for k in range(1, 11)])
+
+
+@pytest.mark.parametrize(
+    "make_sched",
+    [
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5),
+        lambda o: schedules.ExponentialDecay(o, rate=0.94, every=2),
+    ],
+)
+def test_schedulers_give_the_same_trajectory_on_fastopt_and_torch(make_sched):
+    p0 = torch.randn(5, dtype=torch.float64)
+    a, b = p0.clone().requires_grad_(), p0.clone().requires_grad_()
+    oa, ob = fastopt.Adam([a], lr=0.1), torch.optim.Adam([b], lr=0.1)
+    sa, sb = make_sched(oa), make_sched(ob)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        g = torch.randn(5, generator=gen, dtype=torch.float64)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        sa.step()
+        sb.step()
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_scheduler_state_round_trip():
+    p = torch.zeros(1, requires_grad=True)
+    opt = fastopt.SGD([p], lr=1.0)
+    sched = schedules.StepDecay(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = fastopt.SGD([p], lr=1.0)
+    sched2 = schedules.StepDecay(opt2, step_size=1, gamma=0.5)
+    sched2.load_state_dict(state)
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5**4)
+
+
+def test_invalid_schedule_arguments():
+    opt = fastopt.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with pytest.raises(ValueError, match="total"):
+        schedules.TASO(opt, total=0)
+    with pytest.raises(ValueError, match="step_size"):
+        schedules.StepDecay(opt, step_size=0)
