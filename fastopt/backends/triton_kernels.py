@@ -62,6 +62,7 @@ def compile_rule() -> triton.JITFunction:
     scope = {
         "__name__": __name__,  # Triton names and caches the function by its module
         "__builtins__": fn.__globals__["__builtins__"],
+        "tl": tl,  # Triton's interpreter looks for triton.language among the globals
         "sqrt": _sqrt,
         "maximum": _maximum,
         "absolute": _absolute,
@@ -78,11 +79,11 @@ update = compile_rule()
 @triton.jit
 def _array(ptrs, t, NA: tl.constexpr, SLOT: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
     """Base pointer of array SLOT of tensor t, typed DT."""
-    addr = tl.load(ptrs + t * NA + SLOT)
+    base = tl.load(ptrs + t * NA + SLOT).to(tl.pointer_type(DT))
     if ALIGNED:
-        # every address is 16-byte aligned (checked on the host): allows 16-byte accesses
-        addr = tl.multiple_of(addr, 16)
-    return addr.to(tl.pointer_type(DT))
+        # every address is 16-byte aligned (checked on the host): 16-byte accesses
+        base = tl.multiple_of(base, 16)
+    return base
 
 
 @triton.jit
@@ -106,6 +107,96 @@ def _scalar(scalars, i: tl.constexpr, host_value, FROM_TENSOR: tl.constexpr):
         return tl.load(scalars + i).to(tl.float32)
     else:
         return host_value
+
+
+@triton.jit
+def _load(base, offs, mask, PRESENT: tl.constexpr, placeholder):
+    if PRESENT:
+        return tl.load(base + offs, mask=mask).to(tl.float32)
+    else:
+        return placeholder
+
+
+@triton.jit
+def _block(
+    offs, mask, t, scalars, seed,
+    lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
+    v_decay, v_weight, v_scale, eps,
+    p_base, g_base, w_base, h_base, m_base, v_base, vmax_base, gavg_base, u_base,
+    HAS_MASTER: tl.constexpr, HAS_H: tl.constexpr, HAS_M: tl.constexpr, HAS_V: tl.constexpr,
+    HAS_VMAX: tl.constexpr, HAS_GAVG: tl.constexpr, HAS_U: tl.constexpr, SR: tl.constexpr,
+    DYNAMIC_USE_DENOMINATOR: tl.constexpr,
+    MOMENTUM: tl.constexpr, MOMENTUM_INPUT: tl.constexpr, DENOMINATOR: tl.constexpr,
+    NORM: tl.constexpr, EPS_INSIDE: tl.constexpr, CENTERED: tl.constexpr, AMSGRAD: tl.constexpr,
+    HVP: tl.constexpr, ADADELTA: tl.constexpr, USE_DENOMINATOR: tl.constexpr, HAS_L2: tl.constexpr,
+    DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, SCALE_GRAD: tl.constexpr,
+):  # fmt: skip
+    """Load, update and store the elements ``offs`` (``mask``: None for a full block)."""
+    p = tl.load(w_base + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_base + offs, mask=mask).to(tl.float32)
+    # unused roles get a placeholder: the rule passes them through untouched
+    h = _load(h_base, offs, mask, HAS_H, g)
+    m = _load(m_base, offs, mask, HAS_M, p)
+    v = _load(v_base, offs, mask, HAS_V, p)
+    vmax = _load(vmax_base, offs, mask, HAS_VMAX, p)
+    gavg = _load(gavg_base, offs, mask, HAS_GAVG, p)
+    u = _load(u_base, offs, mask, HAS_U, p)
+
+    if DYNAMIC_USE_DENOMINATOR:
+        # RAdam under a CUDA graph: whether the rectified step applies changes with the
+        # step number, so both forms are computed and the scalars tensor picks one.
+        use = tl.load(scalars + 12) != 0
+        p1, m1, v1, vmax1, gavg1, u1 = update(
+            p, g, h, m, v, vmax, gavg, u,
+            lr, weight_decay, decay_factor, grad_scale,
+            m_decay, m_weight, m_out, g_out, v_decay, v_weight, v_scale, eps,
+            MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+            HVP, ADADELTA, 1, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+        )  # fmt: skip
+        p0, m0, v0, vmax0, gavg0, u0 = update(
+            p, g, h, m, v, vmax, gavg, u,
+            lr, weight_decay, decay_factor, grad_scale,
+            m_decay, m_weight, m_out, g_out, v_decay, v_weight, v_scale, eps,
+            MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+            HVP, ADADELTA, 0, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+        )  # fmt: skip
+        p = tl.where(use, p1, p0)
+        m = tl.where(use, m1, m0)
+        v = tl.where(use, v1, v0)
+        vmax = tl.where(use, vmax1, vmax0)
+        gavg = tl.where(use, gavg1, gavg0)
+        u = tl.where(use, u1, u0)
+    else:
+        p, m, v, vmax, gavg, u = update(
+            p, g, h, m, v, vmax, gavg, u,
+            lr, weight_decay, decay_factor, grad_scale,
+            m_decay, m_weight, m_out, g_out, v_decay, v_weight, v_scale, eps,
+            MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+            HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+        )  # fmt: skip
+
+    if SR:
+        # four independent random streams per element, one per state role that can be
+        # present together (Adadelta's u never has momentum beside it: it shares m's)
+        r0, r1, r2, r3 = tl.randint4x(seed, offs + (t << 40))
+    else:
+        r0 = offs
+        r1 = offs
+        r2 = offs
+        r3 = offs
+    tl.store(w_base + offs, p.to(w_base.dtype.element_ty), mask=mask)
+    if HAS_MASTER:
+        tl.store(p_base + offs, p.to(p_base.dtype.element_ty), mask=mask)
+    if HAS_M:
+        _store(m_base, offs, m, mask, r0, SR)
+    if HAS_V:
+        _store(v_base, offs, v, mask, r1, SR)
+    if HAS_VMAX:
+        _store(vmax_base, offs, vmax, mask, r2, SR)
+    if HAS_GAVG:
+        _store(gavg_base, offs, gavg, mask, r3, SR)
+    if HAS_U:
+        _store(u_base, offs, u, mask, r0, SR)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -167,8 +258,11 @@ def step_kernel(
 ):
     c = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks + 2 * c)
-    start = tl.load(chunks + 2 * c + 1)
+    start = tl.multiple_of(tl.load(chunks + 2 * c + 1), CHUNK)
     stop = tl.minimum(tl.load(sizes + t), start + CHUNK)
+    if HAS_FOUND_INF:
+        # an overflowed AMP step: no element is loaded or stored, and no host sync
+        stop = tl.where(tl.load(found_inf_ptr).to(tl.float32) != 0, start, stop)
 
     # step scalars: host arguments, or a device tensor so that a CUDA graph can replay them
     lr = _scalar(scalars, 0, lr, SCALARS_FROM_TENSOR)
@@ -183,21 +277,17 @@ def step_kernel(
     v_weight = _scalar(scalars, 9, v_weight, SCALARS_FROM_TENSOR)
     v_scale = _scalar(scalars, 10, v_scale, SCALARS_FROM_TENSOR)
     eps = _scalar(scalars, 11, eps, SCALARS_FROM_TENSOR)
-    if SCALARS_FROM_TENSOR:
-        seed = tl.load(scalars + 13).to(tl.int64)
     if HAS_INV_SCALE:
         grad_scale = grad_scale * tl.load(inv_scale_ptr).to(tl.float32)
-    skip = False
-    if HAS_FOUND_INF:
-        # an overflowed AMP step: every load and store below is masked off, no host sync
-        skip = tl.load(found_inf_ptr).to(tl.float32) != 0
+    if SCALARS_FROM_TENSOR:
+        seed = tl.load(scalars + 13).to(tl.int64)
 
     p_base = _array(ptrs, t, NA, 0, DT_P, ALIGNED)
     g_base = _array(ptrs, t, NA, 1, DT_G, ALIGNED)
+    # absent arrays alias the param pointer; their flags keep them from being touched
+    w_base = p_base
     if S_MASTER >= 0:
         w_base = _array(ptrs, t, NA, S_MASTER, tl.float32, ALIGNED)
-    else:
-        w_base = p_base
     h_base = g_base
     if S_H >= 0:
         h_base = _array(ptrs, t, NA, S_H, DT_G, ALIGNED)
@@ -217,88 +307,31 @@ def step_kernel(
     if S_U >= 0:
         u_base = _array(ptrs, t, NA, S_U, DT_S, ALIGNED)
 
-    for i in tl.range(0, stop - start, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < stop
-        if HAS_FOUND_INF:
-            mask = mask & (skip == 0)
-        p = tl.load(w_base + offs, mask=mask).to(tl.float32)
-        g = tl.load(g_base + offs, mask=mask).to(tl.float32)
-        # unused roles get a placeholder: the rule passes them through untouched
-        h = g
-        if S_H >= 0:
-            h = tl.load(h_base + offs, mask=mask).to(tl.float32)
-        m = p
-        if S_M >= 0:
-            m = tl.load(m_base + offs, mask=mask).to(tl.float32)
-        v = p
-        if S_V >= 0:
-            v = tl.load(v_base + offs, mask=mask).to(tl.float32)
-        vmax = p
-        if S_VMAX >= 0:
-            vmax = tl.load(vmax_base + offs, mask=mask).to(tl.float32)
-        gavg = p
-        if S_GAVG >= 0:
-            gavg = tl.load(gavg_base + offs, mask=mask).to(tl.float32)
-        u = p
-        if S_U >= 0:
-            u = tl.load(u_base + offs, mask=mask).to(tl.float32)
-
-        if DYNAMIC_USE_DENOMINATOR:
-            # RAdam under a CUDA graph: whether the rectified step applies changes with the
-            # step number, so both forms are computed and the scalars tensor picks one.
-            use = tl.load(scalars + 12) != 0
-            p1, m1, v1, vmax1, gavg1, u1 = update(
-                p, g, h, m, v, vmax, gavg, u,
-                lr, weight_decay, decay_factor, grad_scale,
-                m_decay, m_weight, m_out, g_out, v_decay, v_weight, v_scale, eps,
-                MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
-                HVP, ADADELTA, 1, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
-            )  # fmt: skip
-            p0, m0, v0, vmax0, gavg0, u0 = update(
-                p, g, h, m, v, vmax, gavg, u,
-                lr, weight_decay, decay_factor, grad_scale,
-                m_decay, m_weight, m_out, g_out, v_decay, v_weight, v_scale, eps,
-                MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
-                HVP, ADADELTA, 0, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
-            )  # fmt: skip
-            p = tl.where(use, p1, p0)
-            m = tl.where(use, m1, m0)
-            v = tl.where(use, v1, v0)
-            vmax = tl.where(use, vmax1, vmax0)
-            gavg = tl.where(use, gavg1, gavg0)
-            u = tl.where(use, u1, u0)
-        else:
-            p, m, v, vmax, gavg, u = update(
-                p, g, h, m, v, vmax, gavg, u,
-                lr, weight_decay, decay_factor, grad_scale,
-                m_decay, m_weight, m_out, g_out, v_decay, v_weight, v_scale, eps,
-                MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
-                HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
-            )  # fmt: skip
-
-        if SR:
-            # four independent streams per element: one per state role that can coexist
-            # (Adadelta's u has no momentum beside it, so it shares m's stream)
-            r0, r1, r2, r3 = tl.randint4x(seed, offs + (t << 40))
-        else:
-            r0 = offs
-            r1 = offs
-            r2 = offs
-            r3 = offs
-        tl.store(w_base + offs, p.to(w_base.dtype.element_ty), mask=mask)
-        if S_MASTER >= 0:
-            tl.store(p_base + offs, p.to(DT_P), mask=mask)
-        if S_M >= 0:
-            _store(m_base, offs, m, mask, r0, SR)
-        if S_V >= 0:
-            _store(v_base, offs, v, mask, r1, SR)
-        if S_VMAX >= 0:
-            _store(vmax_base, offs, vmax, mask, r2, SR)
-        if S_GAVG >= 0:
-            _store(gavg_base, offs, gavg, mask, r3, SR)
-        if S_U >= 0:
-            _store(u_base, offs, u, mask, r0, SR)
+    # full blocks without a mask (a mask would keep accesses scalar), then a masked tail
+    full = (stop - start) // BLOCK * BLOCK
+    for i in tl.range(0, full, BLOCK):
+        _block(
+            start + i + tl.arange(0, BLOCK), None, t, scalars, seed,
+            lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
+            v_decay, v_weight, v_scale, eps,
+            p_base, g_base, w_base, h_base, m_base, v_base, vmax_base, gavg_base, u_base,
+            S_MASTER >= 0, S_H >= 0, S_M >= 0, S_V >= 0, S_VMAX >= 0, S_GAVG >= 0, S_U >= 0, SR,
+            DYNAMIC_USE_DENOMINATOR,
+            MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+            HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+        )  # fmt: skip
+    if full < stop - start:
+        offs = start + full + tl.arange(0, BLOCK)
+        _block(
+            offs, offs < stop, t, scalars, seed,
+            lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
+            v_decay, v_weight, v_scale, eps,
+            p_base, g_base, w_base, h_base, m_base, v_base, vmax_base, gavg_base, u_base,
+            S_MASTER >= 0, S_H >= 0, S_M >= 0, S_V >= 0, S_VMAX >= 0, S_GAVG >= 0, S_U >= 0, SR,
+            DYNAMIC_USE_DENOMINATOR,
+            MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+            HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -320,14 +353,17 @@ def sumsq_kernel(
     order (deterministic, unlike atomically added floats) and writes the square root."""
     c = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks + 2 * c)
-    start = tl.load(chunks + 2 * c + 1)
+    start = tl.multiple_of(tl.load(chunks + 2 * c + 1), CHUNK)
     stop = tl.minimum(tl.load(sizes + t), start + CHUNK)
     base = _array(ptrs, t, 1, 0, DT, ALIGNED)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.range(0, stop - start, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        x = tl.load(base + offs, mask=offs < stop, other=0.0).to(tl.float32)
+    full = (stop - start) // BLOCK * BLOCK
+    for i in tl.range(0, full, BLOCK):
+        x = tl.load(base + start + i + tl.arange(0, BLOCK)).to(tl.float32)
         acc += x * x
+    offs = start + full + tl.arange(0, BLOCK)
+    x = tl.load(base + offs, mask=offs < stop, other=0.0).to(tl.float32)
+    acc += x * x
     tl.store(partials + c, tl.sum(acc, axis=0))
     # acq_rel: this program's partial is visible to whichever program finishes last
     done = tl.atomic_add(counter, 1, sem="acq_rel")

@@ -1,0 +1,418 @@
+"""The Triton backend: one fused multi-tensor launch per (device, dtype) group, any spec.
+
+Runs on CUDA tensors; under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by CI)
+on CPU tensors. Math is fp32; params may be fp32, bf16 or fp16; the state may be the
+param's dtype, fp32 or bf16 (bf16 state of fp32/fp16 params is stochastically rounded:
+see :func:`step`); the role "master" holds fp32 master weights.
+
+Hooks for the optimizer layer (all optional keyword arguments of :func:`step`):
+
+``grad_scale_ptr``
+    a one-element device tensor holding the *inverse* loss scale; the kernel multiplies
+    every gradient by it (on top of ``scalars.grad_scale``).
+``found_inf``
+    a one-element device tensor; when it is nonzero the kernel modifies nothing. Neither
+    tensor is read on the host, so an AMP step never synchronizes.
+``scalars_tensor``
+    the step's scalars as a device tensor (:func:`scalars_tensor` builds one) instead of
+    kernel arguments, so that the launch can be captured in a CUDA graph and replayed with
+    new values written into that tensor.
+
+:func:`global_grad_norm` gives the global L2 norm of a list of gradients as a device scalar
+in one launch, for gradient clipping without a host sync.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..rule import switches
+from ..scalars import StepScalars
+from ..spec import Denominator, Extra, Spec
+
+name = "triton"
+
+try:  # the backend is optional: report why it cannot run rather than fail to import
+    import triton.language as tl
+
+    from . import triton_kernels as K
+
+    _IMPORT_ERROR: str | None = None
+except Exception as exc:  # pragma: no cover - depends on the installation
+    _IMPORT_ERROR = f"triton is not usable: {type(exc).__name__}: {exc}"
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason() -> str | None:
+    """None when Triton can run here: a CUDA device, or the interpreter on the CPU."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if _interpreted():
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run Triton's interpreter on the CPU)"
+    return None
+
+
+def _device_ok(device: torch.device) -> str | None:
+    device = torch.device(device)
+    if device.type == "cuda" and not _interpreted():
+        return None
+    if device.type == "cpu" and _interpreted():
+        return None
+    return f"the Triton backend runs on CUDA tensors (CPU ones only under TRITON_INTERPRET=1), not {device}"
+
+
+def supports(spec: Spec, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when this backend can step ``spec`` on ``device``/``dtype`` params."""
+    reason = unavailable_reason() or _device_ok(device)
+    if reason is not None:
+        return reason
+    if dtype not in _PARAM_DTYPES:
+        return f"the Triton backend steps fp32, bf16 and fp16 params, not {dtype}"
+    return None
+
+
+# ---- launch configuration -------------------------------------------------------------
+# BLOCK elements per inner iteration, CHUNK elements per program. Measured on an H100
+# (bench/gpu_throughput.py): every program moves >= 512 KB for fp32 Adam, so launch
+# tails are short, and a 4096-element block of 4 warps keeps 16-byte accesses in flight.
+_GPU_CONFIG = {"block": 2048, "chunk": 16384, "num_warps": 4}
+# The interpreter runs programs one after another in numpy: small chunks exercise the
+# chunking on small test tensors.
+_INTERPRETER_CONFIG = {"block": 64, "chunk": 128, "num_warps": 1}
+
+
+def launch_config() -> dict[str, int]:
+    """Block, chunk and warps of the next launch (a copy; tests may change the source)."""
+    return dict(_INTERPRETER_CONFIG if _interpreted() else _GPU_CONFIG)
+
+
+# ---- the device-side table: pointers, sizes and (tensor, chunk start) pairs ---------------
+
+
+class _Table:
+    """A device int64 buffer ``[ptrs (n, na) | sizes (n) | chunks (c, 2)]`` and its views."""
+
+    __slots__ = ("buf", "host", "ptrs", "sizes", "chunks", "n_chunks", "aligned")
+
+    def __init__(self, ptrs: np.ndarray, sizes: np.ndarray, esizes: list[int], chunk: int, device):
+        ptrs, sizes = _coalesce(ptrs, sizes, esizes)
+        n, na = ptrs.shape
+        per = (sizes + chunk - 1) // chunk
+        owner = np.repeat(np.arange(n, dtype=np.int64), per)
+        first = np.repeat(np.cumsum(per) - per, per)
+        starts = (np.arange(len(owner), dtype=np.int64) - first) * chunk
+        chunks = np.stack([owner, starts], axis=1)
+        host = torch.from_numpy(np.concatenate([ptrs.ravel(), sizes, chunks.ravel()]))
+        device = torch.device(device)
+        if device.type == "cuda":
+            # pinned + non_blocking: the upload is queued on the stream, the host goes on
+            host = host.pin_memory()
+            self.buf = host.to(device, non_blocking=True)
+        else:
+            self.buf = host
+        self.host = host  # kept alive until the (asynchronous) upload has been consumed
+        self.ptrs = self.buf[: n * na]
+        self.sizes = self.buf[n * na : n * na + n]
+        self.chunks = self.buf[n * na + n :]
+        self.n_chunks = len(owner)
+        # 16-byte aligned addresses let the kernel use 16-byte accesses
+        self.aligned = bool((ptrs % 16 == 0).all()) if ptrs.size else True
+
+
+def _coalesce(ptrs: np.ndarray, sizes: np.ndarray, esizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Drop empty tensors and merge runs of tensors that lie back to back in memory in every
+    array (params that are views of one flat buffer become one entry: fewer, fuller chunks)."""
+    keep = sizes > 0
+    ptrs, sizes = ptrs[keep], sizes[keep]
+    if len(sizes) < 2:
+        return ptrs, sizes
+    ends = ptrs[:-1] + sizes[:-1, None] * np.asarray(esizes, dtype=np.int64)[None, :]
+    joins = (ends == ptrs[1:]).all(axis=1)
+    if not joins.any():
+        return ptrs, sizes
+    head = np.concatenate([[True], ~joins])
+    group = np.cumsum(head) - 1
+    merged = np.zeros(int(group[-1]) + 1, dtype=np.int64)
+    np.add.at(merged, group, sizes)
+    return ptrs[head], merged
+
+
+# Tables by content (addresses and sizes): a step over the same tensors as an earlier one
+# reuses its table without uploading anything. Content keys stay correct whatever the
+# caller does; the cost per step is collecting the addresses.
+_TABLES: OrderedDict[tuple, _Table] = OrderedDict()
+_MAX_TABLES = 64
+
+
+def _validate(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
+    """Checks done once per new table rather than every step."""
+    params = arrays[0]
+    for ts, what in zip(arrays, names, strict=True):
+        if len(ts) != len(params):
+            raise ValueError(f"fastopt triton: {len(ts)} {what} tensors for {len(params)} params")
+        _one_dtype(ts, what)
+        for t, p in zip(ts, params, strict=True):
+            if not t.is_contiguous():
+                raise ValueError(f"fastopt triton: {what} tensors must be contiguous")
+            if t.numel() != p.numel() or t.device != p.device:
+                raise ValueError(f"fastopt triton: each {what} tensor must match its param's size and device")
+
+
+def _table(arrays: list[list[torch.Tensor]], names: list[str], chunk: int, device) -> _Table:
+    n = len(arrays[0])
+    if any(len(ts) != n for ts in arrays):
+        raise ValueError("fastopt triton: every role needs one tensor per param")
+    ptrs = np.empty((n, len(arrays)), dtype=np.int64)
+    for a, ts in enumerate(arrays):
+        ptrs[:, a] = np.fromiter(map(torch.Tensor.data_ptr, ts), dtype=np.int64, count=n)
+    sizes = np.fromiter(map(torch.Tensor.numel, arrays[0]), dtype=np.int64, count=n)
+    esizes = [ts[0].element_size() for ts in arrays]
+    key = (str(device), chunk, ptrs.tobytes(), sizes.tobytes(), tuple(ts[0].dtype for ts in arrays))
+    table = _TABLES.get(key)
+    if table is None:
+        _validate(arrays, names)
+        table = _TABLES[key] = _Table(ptrs, sizes, esizes, chunk, device)
+        if len(_TABLES) > _MAX_TABLES:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return table
+
+
+def clear_cache() -> None:
+    """Forget every cached pointer table."""
+    _TABLES.clear()
+
+
+# ---- dtypes ---------------------------------------------------------------------------
+
+
+def _tl(dtype: torch.dtype) -> Any:
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _one_dtype(ts: list[torch.Tensor], what: str) -> torch.dtype:
+    dtype = ts[0].dtype
+    if any(t.dtype != dtype for t in ts):
+        raise ValueError(f"fastopt triton: all {what} tensors of a group must have one dtype")
+    return dtype
+
+
+# ---- the step -------------------------------------------------------------------------
+
+
+def scalars_tensor(
+    scalars: StepScalars, device: torch.device | str, seed: int = 0, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A step's scalars as a float64 device tensor laid out as ``triton_kernels.SCALAR_FIELDS``
+    (the StepScalars fields, then the stochastic-rounding seed), for ``step(scalars_tensor=)``.
+
+    With ``out`` the values are written into that tensor in place (a pinned host copy,
+    non-blocking), which is how a captured CUDA graph receives the next step's values.
+    """
+    values = torch.tensor([float(x) for x in scalars] + [float(seed)], dtype=torch.float64)
+    if out is None:
+        return values.to(device)
+    if out.device.type == "cuda":
+        values = values.pin_memory()
+    out.copy_(values, non_blocking=True)
+    return out
+
+
+_seed_counter = [0]
+
+
+def _next_seed() -> int:
+    # a fresh seed every launch: rounding errors of successive steps are independent
+    _seed_counter[0] = (_seed_counter[0] + 0x9E3779B1) % (1 << 31)
+    return _seed_counter[0]
+
+
+def step(
+    spec: Spec,
+    scalars: StepScalars,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    hvps: list[torch.Tensor] | None,
+    state: dict[str, list[torch.Tensor]],
+    *,
+    grad_scale_ptr: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    scalars_tensor: torch.Tensor | None = None,
+    stochastic_rounding: bool | None = None,
+) -> None:
+    """One fused step of ``spec`` over a group (see :mod:`fastopt.backends` for the contract).
+
+    Args:
+        grad_scale_ptr: optional one-element device tensor; grads are multiplied by it
+            (the inverse AMP loss scale) in the kernel.
+        found_inf: optional one-element device tensor; nonzero: nothing is modified.
+        scalars_tensor: optional device tensor from :func:`scalars_tensor`; the kernel reads
+            the step scalars from it instead of from ``scalars`` (CUDA-graph capture). The
+            compile-time switches still come from ``spec`` and ``scalars``: keep
+            ``weight_decay`` and ``grad_scale`` nonzero/non-one as at capture time.
+        stochastic_rounding: round bf16 state stochastically. Default: when the state is
+            bf16 and the params (or master weights) are not, i.e. when bf16 state was chosen
+            to save memory; round-to-nearest would let Adam's second moment stall, since
+            its per-step change (1 - beta2 = 1e-3) is below bf16's resolution (2**-8).
+    """
+    if not params:
+        return
+    device = params[0].device
+    why = supports(spec, device, params[0].dtype)
+    if why is not None:
+        raise ValueError(why)
+    p_dtype = params[0].dtype
+    g_dtype = grads[0].dtype
+    roles = [r for r in K.STATE_ROLES if r in spec.state_roles]
+    missing = [r for r in roles if r not in state]
+    if missing:
+        raise ValueError(f"fastopt triton: state roles {missing} are missing")
+    s_dtype = None
+    for r in roles:
+        d = state[r][0].dtype
+        if s_dtype is not None and d != s_dtype:
+            raise ValueError("fastopt triton: every state role of a group must have one dtype")
+        s_dtype = d
+    if s_dtype is None:
+        s_dtype = p_dtype
+    if s_dtype not in (p_dtype, torch.float32, torch.bfloat16):
+        raise ValueError(f"fastopt triton: state dtype {s_dtype} is not the param dtype, fp32 or bf16")
+    master = state.get("master")
+    if master is not None and (p_dtype == torch.float32 or master[0].dtype != torch.float32):
+        raise ValueError("fastopt triton: master weights are fp32 copies of fp16/bf16 params")
+    if stochastic_rounding is None:
+        weights_dtype = torch.float32 if master is not None else p_dtype
+        stochastic_rounding = s_dtype == torch.bfloat16 and weights_dtype != torch.bfloat16
+    sr = bool(stochastic_rounding) and s_dtype == torch.bfloat16
+
+    # pointer-table slots: p, g, then the optional arrays in triton_kernels.ARRAYS order
+    arrays = [params, grads]
+    slots = {}
+    optional = [("h", hvps if spec.curvature == 1 else None)]
+    optional += [(r, state[r]) for r in roles]
+    optional.append(("master", master))
+    for role, ts in optional:
+        if ts is not None:
+            slots[role] = len(arrays)
+            arrays.append(ts)
+
+    cfg = launch_config()
+    table = _table(arrays, ["param", "grad", *slots], cfg["chunk"], device)
+    if table.n_chunks == 0:
+        return
+    sw = switches(spec, scalars)
+    dynamic_use = False
+    if scalars_tensor is not None:
+        # a replayed graph keeps its compile-time switches: make them step-independent
+        if spec.weight_decay == 1:
+            sw["DECOUPLED"] = 1  # multiplying by a decay factor of 1 is exact
+        sw["SCALE_GRAD"] = 1  # so is a grad scale of 1
+        if spec.extra == Extra.RADAM:
+            dynamic_use = True  # the rectification switches on after a few steps
+        elif spec.denominator != Denominator.NONE:
+            sw["USE_DENOMINATOR"] = 1
+    if grad_scale_ptr is not None:
+        sw["SCALE_GRAD"] = 1
+    dummy = table.buf
+    K.step_kernel[(table.n_chunks,)](
+        table.ptrs,
+        table.sizes,
+        table.chunks,
+        scalars_tensor if scalars_tensor is not None else dummy,
+        grad_scale_ptr if grad_scale_ptr is not None else dummy,
+        found_inf if found_inf is not None else dummy,
+        *(float(x) for x in scalars[:12]),
+        _next_seed() if sr and scalars_tensor is None else 0,
+        NA=len(arrays),
+        S_H=slots.get("h", -1),
+        S_M=slots.get("m", -1),
+        S_V=slots.get("v", -1),
+        S_VMAX=slots.get("vmax", -1),
+        S_GAVG=slots.get("gavg", -1),
+        S_U=slots.get("u", -1),
+        S_MASTER=slots.get("master", -1),
+        DT_P=_tl(p_dtype),
+        DT_G=_tl(g_dtype),
+        DT_S=_tl(s_dtype),
+        SR=sr,
+        ALIGNED=table.aligned,
+        SCALARS_FROM_TENSOR=scalars_tensor is not None,
+        DYNAMIC_USE_DENOMINATOR=dynamic_use,
+        HAS_INV_SCALE=grad_scale_ptr is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        **sw,
+        CHUNK=cfg["chunk"],
+        BLOCK=cfg["block"],
+        num_warps=cfg["num_warps"],
+    )
+
+
+# ---- global gradient norm ---------------------------------------------------------------
+
+_norm_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all ``grads`` together, as a one-element fp32 tensor on their device.
+
+    One launch (per dtype present), no host synchronization: each program squares and sums a
+    chunk, and the last one to finish adds the partial sums in a fixed order (so the
+    result is deterministic). ``torch.nn.utils.clip_grad_norm_`` semantics are built on it
+    by the caller: ``coef = clamp(max_norm / (norm + 1e-6), max=1)``, grads times coef.
+    """
+    if not grads:
+        raise ValueError("global_grad_norm needs at least one tensor")
+    device = grads[0].device
+    reason = unavailable_reason() or _device_ok(device)
+    if reason is not None:
+        raise ValueError(reason)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    norms = [_norm_one_dtype(ts, device) for ts in by_dtype.values()]
+    if len(norms) == 1:
+        return norms[0]
+    return torch.linalg.vector_norm(torch.cat(norms))
+
+
+def _norm_one_dtype(ts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    cfg = launch_config()
+    table = _table([ts], ["grad"], cfg["chunk"], device)
+    if table.n_chunks == 0:
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    out = torch.empty(1, dtype=torch.float32, device=device)
+    key = str(device)
+    partials, counter = _norm_buffers.get(key, (None, None))
+    if partials is None or partials.numel() < table.n_chunks:
+        partials = torch.empty(max(table.n_chunks, 1024), dtype=torch.float32, device=device)
+        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        _norm_buffers[key] = (partials, counter)
+    K.sumsq_kernel[(table.n_chunks,)](
+        table.ptrs,
+        table.sizes,
+        table.chunks,
+        partials,
+        counter,
+        out,
+        table.n_chunks,
+        DT=_tl(ts[0].dtype),
+        ALIGNED=table.aligned,
+        CHUNK=cfg["chunk"],
+        BLOCK=cfg["block"],
+        FINAL_BLOCK=1024,
+        num_warps=cfg["num_warps"],
+    )
+    return out
