@@ -1,0 +1,124 @@
+"""Bad input gets a clear error before anything is modified."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optim_db import OPTIM_DB
+
+import fastopt
+
+ERROR_CASES = [(info, kw, exc, msg) for info in OPTIM_DB for kw, exc, msg in info.errors]
+
+
+@pytest.mark.parametrize("info,kw,exc,msg", ERROR_CASES, ids=[f"{c[0].name}-{c[2].__name__}-{c[3]}" for c in ERROR_CASES])
+def test_constructor_errors_match_torch(info, kw, exc, msg):
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(exc, match=msg):
+        info.torch_cls(p, **kw)  # the table is right about torch ...
+    with pytest.raises(exc, match=msg):
+        info.fastopt_cls(p, **kw)  # ... and fastopt says the same
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], {
+        id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params if p in opt.state
+    }
+
+
+def _assert_unchanged(opt, params, snap):
+    values, states = snap
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+    for p in params:
+        for k, v in states.get(id(p), {}).items():
+            assert torch.equal(opt.state[p][k], v)
+
+
+def _trained_adam(*shapes):
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    opt = fastopt.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt, params
+
+
+def test_sparse_gradient_is_refused_untouched():
+    opt, params = _trained_adam((3,), (4,))
+    snap = _snapshot(opt, params)
+    params[0].grad = torch.randn(3)
+    params[1].grad = torch.sparse_coo_tensor([[0]], [1.0], (4,))
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+
+
+def test_complex_params_are_refused():
+    p = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
+    opt = fastopt.Adam([p])
+    p.grad = torch.ones(2, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="complex"):
+        opt.step()
+
+
+def test_mixed_dtypes_in_a_group_are_refused():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = fastopt.SGD([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(2), torch.ones(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one dtype"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(2))
+
+
+def test_mixed_devices_in_a_group_are_refused():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, device="meta", requires_grad=True)
+    opt = fastopt.SGD([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(2), torch.ones(2, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(2))
+
+
+def test_an_error_in_a_later_group_leaves_earlier_groups_untouched():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = fastopt.Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad = torch.ones(2)
+    b.grad = torch.sparse_coo_tensor([[0]], [1.0], (2,))
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(2)) and not opt.state
+
+
+def test_grad_shape_mismatch_is_refused():
+    p = torch.zeros(3, requires_grad=True)
+    opt = fastopt.SGD([p], lr=0.1)
+    p.grad = torch.ones(3)
+    p.grad.data = torch.ones(4)
+    with pytest.raises(RuntimeError, match="does not match"):
+        opt.step()
+
+
+def test_found_inf_skips_the_step():
+    opt, params = _trained_adam((3,))
+    snap = _snapshot(opt, params)
+    params[0].grad = torch.ones(3)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    del opt.found_inf
+    _assert_unchanged(opt, params, snap)
+
+
+def test_differentiable_is_refused():
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        fastopt.Adam([torch.zeros(1, requires_grad=True)], differentiable=True)
+
+
+def test_generic_optimizer_checks_hyperparameters():
+    spec = fastopt.presets.spec("adam")
+    with pytest.raises(ValueError, match="learning rate"):
+        fastopt.FusedOptimizer([torch.zeros(1, requires_grad=True)], spec=spec, lr=-1.0)
+    with pytest.raises(TypeError, match="needs a spec"):
+        fastopt.FusedOptimizer([torch.zeros(1, requires_grad=True)])
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        fastopt.FusedOptimizer([torch.zeros(1, requires_grad=True)], spec=spec, max_grad_norm=0.0)
