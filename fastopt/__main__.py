@@ -19,7 +19,9 @@ def main(argv: list[str]) -> int:
         try:
             from bench.throughput import main as bench_main
         except ImportError as exc:
-            print(f"the throughput benchmark lives in the repository's bench/ folder: run this from a checkout ({exc})")
+            print(
+                f"the throughput benchmark lives in the repository's bench/ folder: run this from a checkout ({exc})"
+            )
             return 2
         return bench_main(rest)
     print(f"unknown command {command!r}; use verify or bench")

@@ -345,10 +345,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError("the closure must return the loss tensor with its autograd graph")
             params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            curv = {p for g, s in zip(self.param_groups, specs) if s.curvature == Curvature.HVP for p in g["params"]}
+            curv = {
+                p
+                for g, s in zip(self.param_groups, specs)
+                if s.curvature == Curvature.HVP
+                for p in g["params"]
+            }
             pairs = [(p, gr) for p, gr in zip(params, grads) if p in curv and gr is not None]
             us = [torch.randn_like(p) for p, _ in pairs]
-            hv = torch.autograd.grad([gr for _, gr in pairs], [p for p, _ in pairs], grad_outputs=us, allow_unused=True)
+            hv = torch.autograd.grad(
+                [gr for _, gr in pairs], [p for p, _ in pairs], grad_outputs=us, allow_unused=True
+            )
         for p, gr in zip(params, grads):
             p.grad = None if gr is None else gr.detach()
         hvps = {p: (torch.zeros_like(p) if h is None else h.detach()) for (p, _), h in zip(pairs, hv)}
@@ -362,7 +369,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not isinstance(saved_groups, list) or "state" not in state_dict:
             raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups'")
         if len(saved_groups) != len(groups):
-            raise ValueError(f"the state_dict has {len(saved_groups)} param groups, the optimizer {len(groups)}")
+            raise ValueError(
+                f"the state_dict has {len(saved_groups)} param groups, the optimizer {len(groups)}"
+            )
         index = {}
         for group, saved in zip(groups, saved_groups):
             if len(group["params"]) != len(saved["params"]):

@@ -237,7 +237,10 @@ class SGD(_TorchTwin):
 
     def group_hyper(self, group):
         return dict(
-            lr=group["lr"], mu=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"]
+            lr=group["lr"],
+            mu=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
         )
 
 
@@ -274,7 +277,9 @@ class Adam(_AdamFamily):
     @staticmethod
     def spec_from(amsgrad, maximize, decoupled) -> Spec:
         wd = WeightDecay.DECOUPLED if decoupled else WeightDecay.L2
-        return Spec(**_ADAM_MOMENTUM, **_ADAM_DENOM, amsgrad=bool(amsgrad), maximize=bool(maximize), weight_decay=wd)
+        return Spec(
+            **_ADAM_MOMENTUM, **_ADAM_DENOM, amsgrad=bool(amsgrad), maximize=bool(maximize), weight_decay=wd
+        )
 
 
 class AdamW(Adam):
@@ -390,7 +395,10 @@ class Adagrad(_TorchTwin):
     ) -> None:  # fmt: skip
         _check_common(lr, eps, weight_decay)
         check(0.0 <= lr_decay, f"Invalid lr_decay value: {lr_decay}")
-        check(0.0 <= initial_accumulator_value, f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        check(
+            0.0 <= initial_accumulator_value,
+            f"Invalid initial_accumulator_value value: {initial_accumulator_value}",
+        )
         defaults = dict(
             lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,

@@ -95,7 +95,9 @@ class Reference:
             self.hyper["lr"] = lr
         for i, g in enumerate(grads):
             hv = None if hvps is None else np.asarray(hvps[i], dtype=np.float64)
-            self.params[i] = self._step_one(self.params[i], np.asarray(g, dtype=np.float64), hv, self.states[i])
+            self.params[i] = self._step_one(
+                self.params[i], np.asarray(g, dtype=np.float64), hv, self.states[i]
+            )
         return self.params
 
     def _step_one(self, theta: np.ndarray, grad: np.ndarray, hvp: np.ndarray | None, st: ParamState):
@@ -178,7 +180,9 @@ class Reference:
         if st.v is None:
             # torch Adagrad's initial_accumulator_value; decaying means start at zero, which
             # is what bias correction assumes
-            init = float(hp.get("initial_accumulator_value", 0.0)) if s.denominator == Denominator.SUM else 0.0
+            init = (
+                float(hp.get("initial_accumulator_value", 0.0)) if s.denominator == Denominator.SUM else 0.0
+            )
             st.v = np.full_like(h, init)
             if s.centered:
                 st.gavg = np.zeros_like(h)
@@ -242,7 +246,9 @@ class Reference:
             mu_next = mu * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
             st.nadam_prod *= mu_t
             st.m = mu * st.m + (1.0 - mu) * g_in
-            return mu_next / (1.0 - st.nadam_prod * mu_next) * st.m + (1.0 - mu_t) / (1.0 - st.nadam_prod) * g_in
+            return (
+                mu_next / (1.0 - st.nadam_prod * mu_next) * st.m + (1.0 - mu_t) / (1.0 - st.nadam_prod) * g_in
+            )
         cap = hp.get("mu_max")
         mu_t = scheduled(s.mu_schedule, mu, t, cap)
         mu_next = scheduled(s.mu_schedule, mu, t + 1, cap)

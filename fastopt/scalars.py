@@ -23,13 +23,13 @@ from .spec import Accumulation, Denominator, Extra, Momentum, Norm, Schedule, Sp
 class StepScalars(NamedTuple):
     """Scalars of one step. The rule, per element (m, v raw accumulators)::
 
-        g    = grad * grad_scale, negated under maximize, + weight_decay * p (L2)
-        p    = p * decay_factor                                   (decoupled decay)
-        v    = v * v_decay + |h|^p * v_weight      (LINF: max(v * v_decay, |h|))
-        vbar = root(v * v_scale) + eps
-        m    = m * m_decay + x * m_weight          (x: g, g / vbar or lr g / vbar)
-        mbar = m * m_out + x * g_out               (g_out = 0 for classical momentum)
-        p    = p - lr * mbar / vbar                (per momentum input)
+    g    = grad * grad_scale, negated under maximize, + weight_decay * p (L2)
+    p    = p * decay_factor                                   (decoupled decay)
+    v    = v * v_decay + |h|^p * v_weight      (LINF: max(v * v_decay, |h|))
+    vbar = root(v * v_scale) + eps
+    m    = m * m_decay + x * m_weight          (x: g, g / vbar or lr g / vbar)
+    mbar = m * m_out + x * g_out               (g_out = 0 for classical momentum)
+    p    = p - lr * mbar / vbar                (per momentum input)
     """
 
     lr: float

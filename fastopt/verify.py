@@ -22,14 +22,20 @@ from .spec import Curvature, Spec, family
 # Tolerances: float64 is rounding only (a few ulps per op over a few steps); float32 is
 # ~1e-7 per op times a few dozen ops per step, amplified by lr / vbar with eps >= 1e-4
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
-HYPER = dict(lr=0.01, mu=0.9, nu=0.99, eps=1e-3, weight_decay=0.05, dampening=0.1, initial_accumulator_value=0.1)
+HYPER = dict(
+    lr=0.01, mu=0.9, nu=0.99, eps=1e-3, weight_decay=0.05, dampening=0.1, initial_accumulator_value=0.1
+)
 SHAPES = [(7,), (3, 5), (1,), (0,), (129,)]
 
 
-def _max_error(spec: Spec, backend: str, device: torch.device, dtype: torch.dtype, steps: int, seed: int) -> float:
+def _max_error(
+    spec: Spec, backend: str, device: torch.device, dtype: torch.dtype, steps: int, seed: int
+) -> float:
     rng = np.random.default_rng(seed)
     hyper = dict(HYPER, **{k: v for k, v in presets_defaults(spec).items() if k in ("mu", "nu")})
-    params = [torch.tensor(rng.standard_normal(s), dtype=dtype, device=device, requires_grad=True) for s in SHAPES]
+    params = [
+        torch.tensor(rng.standard_normal(s), dtype=dtype, device=device, requires_grad=True) for s in SHAPES
+    ]
     opt = FusedOptimizer(params, spec=spec, backend=backend, **hyper)
     ref = Reference(spec, hyper, [p.detach().double().cpu().numpy() for p in params])
     for _ in range(steps):
@@ -38,12 +44,17 @@ def _max_error(spec: Spec, backend: str, device: torch.device, dtype: torch.dtyp
             p.grad = g
         if spec.curvature == Curvature.HVP:
             # a fixed quadratic-free check: H u supplied directly, as the kernels see it
-            hvps = {p: torch.tensor(rng.standard_normal(s), dtype=dtype, device=device) for p, s in zip(params, SHAPES)}
+            hvps = {
+                p: torch.tensor(rng.standard_normal(s), dtype=dtype, device=device)
+                for p, s in zip(params, SHAPES)
+            }
             plans = [opt._plan_group(g, opt.group_spec(g), hvps) for g in opt.param_groups]
             with torch.no_grad():
                 for g, plan in zip(opt.param_groups, plans):
                     opt._run_group(g, opt.group_spec(g), plan, 1.0)
-            ref.step([g.double().cpu().numpy() for g in grads], [hvps[p].double().cpu().numpy() for p in params])
+            ref.step(
+                [g.double().cpu().numpy() for g in grads], [hvps[p].double().cpu().numpy() for p in params]
+            )
         else:
             opt.step()
             ref.step([g.double().cpu().numpy() for g in grads])
@@ -79,14 +90,18 @@ def run(family_stride: int = 7, steps: int = 5, seed: int = 0) -> bool:
     """Verify every available backend; print the table; True if all rows pass."""
     specs = [p.spec for p in presets.PRESETS.values()]
     specs += [s for s in list(family())[::family_stride] if s not in specs]
-    print(f"fastopt verify: {len(specs)} specs ({len(presets.PRESETS)} presets + every {family_stride}th of the family)")
+    print(
+        f"fastopt verify: {len(specs)} specs ({len(presets.PRESETS)} presets + every {family_stride}th of the family)"
+    )
     for name, reason in backends.backends().items():
         if reason is not None:
             print(f"  backend {name}: not available ({reason})")
     rows, ok = [], True
     for name, device in _targets():
         backend = backends.get(name)
-        dtypes = [torch.float64, torch.float32] if device.type == "cpu" or name == "torch" else [torch.float32]
+        dtypes = (
+            [torch.float64, torch.float32] if device.type == "cpu" or name == "torch" else [torch.float32]
+        )
         for dtype in dtypes:
             start = time.perf_counter()
             checked, worst, failed = 0, 0.0, []
@@ -102,7 +117,9 @@ def run(family_stride: int = 7, steps: int = 5, seed: int = 0) -> bool:
             ok &= status != "FAIL"
             rows.append((name, str(device), str(dtype).replace("torch.", ""), checked, worst, status,
                          time.perf_counter() - start, failed[:3]))  # fmt: skip
-    print(f"\n{'backend':8} {'device':6} {'dtype':8} {'specs':>6} {'max rel err':>12} {'tol':>8}  status  time")
+    print(
+        f"\n{'backend':8} {'device':6} {'dtype':8} {'specs':>6} {'max rel err':>12} {'tol':>8}  status  time"
+    )
     for name, dev, dt, n, worst, status, secs, failed in rows:
         tol = TOLERANCE[getattr(torch, dt)]
         print(f"{name:8} {dev:6} {dt:8} {n:6d} {worst:12.2e} {tol:8.0e}  {status:6}  {secs:.1f}s")

@@ -53,4 +53,6 @@ def _step_with_hvps(opt, params, hvps, dtype) -> None:
 
 
 def max_rel_err(ours: list[np.ndarray], ref: list[np.ndarray]) -> float:
-    return max((float(np.max(np.abs(a - b) / (1.0 + np.abs(b)))) if a.size else 0.0) for a, b in zip(ours, ref))
+    return max(
+        (float(np.max(np.abs(a - b) / (1.0 + np.abs(b)))) if a.size else 0.0) for a, b in zip(ours, ref)
+    )

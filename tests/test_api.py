@@ -99,7 +99,10 @@ def test_egd_uses_the_hessian_vector_product():
     must give the same trajectory."""
     gen = torch.Generator().manual_seed(0)
     m = torch.randn(4, 4, generator=gen, dtype=torch.float64)
-    a_mat, b_vec = m @ m.T + torch.eye(4, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
+    a_mat, b_vec = (
+        m @ m.T + torch.eye(4, dtype=torch.float64),
+        torch.randn(4, generator=gen, dtype=torch.float64),
+    )
     x = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
     x0 = x.detach().numpy().copy()
     hyper = dict(lr=0.05, nu=0.999, eps=1e-4)

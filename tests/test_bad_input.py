@@ -11,7 +11,9 @@ import fastopt
 ERROR_CASES = [(info, kw, exc, msg) for info in OPTIM_DB for kw, exc, msg in info.errors]
 
 
-@pytest.mark.parametrize("info,kw,exc,msg", ERROR_CASES, ids=[f"{c[0].name}-{c[2].__name__}-{c[3]}" for c in ERROR_CASES])
+@pytest.mark.parametrize(
+    "info,kw,exc,msg", ERROR_CASES, ids=[f"{c[0].name}-{c[2].__name__}-{c[3]}" for c in ERROR_CASES]
+)
 def test_constructor_errors_match_torch(info, kw, exc, msg):
     p = [torch.zeros(2, requires_grad=True)]
     with pytest.raises(exc, match=msg):

@@ -72,7 +72,9 @@ def test_random_spec_float32_every_backend(data, shape_list, steps, seed):
     h = data.draw(hyper(spec))
     h["eps"] = max(h["eps"], 1e-4)  # keep 1/vbar from amplifying fp32 rounding without bound
     for backend in cpu_backends():
-        ours, ref = run_backend_vs_reference(spec, h, shape_list, steps, backend, dtype=torch.float32, seed=seed)
+        ours, ref = run_backend_vs_reference(
+            spec, h, shape_list, steps, backend, dtype=torch.float32, seed=seed
+        )
         # fp32: ~1e-7 relative rounding per operation, a few dozen operations per step,
         # errors amplified at most by 1/vbar <= 1/eps times lr; 10 steps
         moved = max((float(np.max(np.abs(r))) if r.size else 0.0) for r in ref)

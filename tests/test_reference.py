@@ -116,6 +116,8 @@ def test_reference_nadam_first_step():
     g = 2.0
     # m = (1 - b1) g, v_hat = g^2: step = lr/|g| ((1 - mu1)/(1 - mu1) g + mu2/(1 - mu1 mu2) (1 - b1) g)
     expected = -0.1 * (1.0 + mu2 / (1 - mu1 * mu2) * (1 - b1)) * math.copysign(1, g)
-    ref = Reference(presets.spec("nadam"), dict(lr=0.1, mu=b1, nu=0.999, eps=0.0, momentum_decay=psi), [np.zeros(1)])
+    ref = Reference(
+        presets.spec("nadam"), dict(lr=0.1, mu=b1, nu=0.999, eps=0.0, momentum_decay=psi), [np.zeros(1)]
+    )
     ref.step([np.array([g])])
     np.testing.assert_allclose(ref.params[0], [expected], rtol=1e-13)
