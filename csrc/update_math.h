@@ -20,6 +20,13 @@
 #define FASTOPT_HD
 #endif
 
+// Linkage of the functions below. A translation unit compiled for another instruction set
+// (one object per ISA, picked at run time) defines it as `static inline` to keep its own
+// copies: with plain `inline` the linker would keep one arbitrary copy for every object.
+#ifndef FASTOPT_INLINE
+#define FASTOPT_INLINE inline
+#endif
+
 namespace fastopt {
 
 // ---- switches: the integer codes of fastopt/spec.py --------------------------------------
@@ -91,7 +98,7 @@ struct MathScalars {
 };
 
 template <typename T>
-FASTOPT_HD inline MathScalars<T> math_scalars(const StepScalars& s) {
+FASTOPT_HD FASTOPT_INLINE MathScalars<T> math_scalars(const StepScalars& s) {
   return MathScalars<T>{T(s.lr),      T(s.weight_decay), T(s.decay_factor), T(s.grad_scale),
                         T(s.m_decay), T(s.m_weight),     T(s.m_out),        T(s.g_out),
                         T(s.v_decay), T(s.v_weight),     T(s.v_scale),      T(s.eps)};
@@ -99,7 +106,7 @@ FASTOPT_HD inline MathScalars<T> math_scalars(const StepScalars& s) {
 
 // ---- the three helpers of fastopt/rule.py ------------------------------------------------
 
-FASTOPT_HD inline float fo_sqrt(float x) {
+FASTOPT_HD FASTOPT_INLINE float fo_sqrt(float x) {
 #if defined(__CUDA_ARCH__)
   return sqrtf(x);
 #else
@@ -107,7 +114,7 @@ FASTOPT_HD inline float fo_sqrt(float x) {
 #endif
 }
 
-FASTOPT_HD inline double fo_sqrt(double x) {
+FASTOPT_HD FASTOPT_INLINE double fo_sqrt(double x) {
 #if defined(__CUDA_ARCH__)
   return ::sqrt(x);
 #else
@@ -115,7 +122,7 @@ FASTOPT_HD inline double fo_sqrt(double x) {
 #endif
 }
 
-FASTOPT_HD inline float fo_abs(float x) {
+FASTOPT_HD FASTOPT_INLINE float fo_abs(float x) {
 #if defined(__CUDA_ARCH__)
   return fabsf(x);
 #else
@@ -123,7 +130,7 @@ FASTOPT_HD inline float fo_abs(float x) {
 #endif
 }
 
-FASTOPT_HD inline double fo_abs(double x) {
+FASTOPT_HD FASTOPT_INLINE double fo_abs(double x) {
 #if defined(__CUDA_ARCH__)
   return ::fabs(x);
 #else
@@ -135,7 +142,7 @@ FASTOPT_HD inline double fo_abs(double x) {
 // larger, the first on ties. Every comparison is evaluated unconditionally so that a loop
 // over elements compiles to compares and blends; a + b is a NaN whenever one of them is.
 template <typename T>
-FASTOPT_HD inline T fo_maximum(T a, T b) {
+FASTOPT_HD FASTOPT_INLINE T fo_maximum(T a, T b) {
   T larger = (a < b) ? b : a;
   bool nan = (a != a) | (b != b);
   return nan ? a + b : larger;
@@ -148,7 +155,7 @@ FASTOPT_HD inline T fo_maximum(T a, T b) {
 template <typename T, int MOMENTUM, int MOMENTUM_INPUT, int DENOMINATOR, int NORM, bool EPS_INSIDE,
           bool CENTERED, bool AMSGRAD, bool HVP, bool ADADELTA, bool USE_DENOMINATOR, bool HAS_L2,
           bool DECOUPLED, bool MAXIMIZE, bool SCALE_GRAD>
-FASTOPT_HD inline void update(T& p, T g, T h, T& m, T& v, T& vmax, T& gavg, T& u,
+FASTOPT_HD FASTOPT_INLINE void update(T& p, T g, T h, T& m, T& v, T& vmax, T& gavg, T& u,
                               const MathScalars<T>& sc) {
   if constexpr (SCALE_GRAD) g = g * sc.grad_scale;
   if constexpr (MAXIMIZE) g = -g;
@@ -259,7 +266,7 @@ FASTOPT_HD inline void update(T& p, T g, T h, T& m, T& v, T& vmax, T& gavg, T& u
 
 // The same rule with the switches packed into one code (see SwitchShift).
 template <typename T, uint32_t SW>
-FASTOPT_HD inline void update_packed(T& p, T g, T h, T& m, T& v, T& vmax, T& gavg, T& u,
+FASTOPT_HD FASTOPT_INLINE void update_packed(T& p, T g, T h, T& m, T& v, T& vmax, T& gavg, T& u,
                                      const MathScalars<T>& sc) {
   update<T, switch_field(SW, SHIFT_MOMENTUM), switch_field(SW, SHIFT_MOMENTUM_INPUT),
          switch_field(SW, SHIFT_DENOMINATOR), switch_field(SW, SHIFT_NORM),
@@ -275,7 +282,7 @@ FASTOPT_HD inline void update_packed(T& p, T g, T h, T& m, T& v, T& vmax, T& gav
 // Branch-free (selects only) so that conversion loops vectorize; NaNs become the canonical
 // quiet NaNs torch produces (bf16 0x7FC0; fp16 0x7E00 keeping the sign).
 
-FASTOPT_HD inline uint32_t float_bits(float f) {
+FASTOPT_HD FASTOPT_INLINE uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
@@ -285,7 +292,7 @@ FASTOPT_HD inline uint32_t float_bits(float f) {
 #endif
 }
 
-FASTOPT_HD inline float bits_float(uint32_t u) {
+FASTOPT_HD FASTOPT_INLINE float bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
@@ -295,16 +302,16 @@ FASTOPT_HD inline float bits_float(uint32_t u) {
 #endif
 }
 
-FASTOPT_HD inline float bf16_to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
+FASTOPT_HD FASTOPT_INLINE float bf16_to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
 
-FASTOPT_HD inline uint16_t float_to_bf16(float f) {
+FASTOPT_HD FASTOPT_INLINE uint16_t float_to_bf16(float f) {
   uint32_t x = float_bits(f);
   // add just under half an ulp of bf16, plus one when the kept lsb is odd: ties go to even
   uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>(((x & 0x7fffffffu) > 0x7f800000u) ? 0x7fc0u : rounded);
 }
 
-FASTOPT_HD inline float half_to_float(uint16_t h) {
+FASTOPT_HD FASTOPT_INLINE float half_to_float(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t em = h & 0x7fffu;
   // normal: rebias the exponent from 15 to 127; Inf/NaN: all-ones exponent, payload kept
@@ -317,7 +324,7 @@ FASTOPT_HD inline float half_to_float(uint16_t h) {
   return bits_float(sign | mag);
 }
 
-FASTOPT_HD inline uint16_t float_to_half(float f) {
+FASTOPT_HD FASTOPT_INLINE uint16_t float_to_half(float f) {
   uint32_t x = float_bits(f);
   uint32_t sign = (x >> 16) & 0x8000u;
   uint32_t a = x & 0x7fffffffu;

@@ -1,0 +1,573 @@
+// CPU multi-tensor step: the rule kernels, storage conversions, a thread pool and dispatch.
+//
+// This file is compiled once per instruction set (setup.py): every build defines the hot
+// loops (rule kernels, bf16/fp16 conversions) in its own namespace FASTOPT_ISA_NS, and the
+// baseline build (FASTOPT_MAIN=1) also holds the dispatcher, which picks the best build the
+// CPU supports at load time. The ISA builds use no standard-library templates, so no inline
+// code compiled for AVX2/AVX-512 can be shared with the baseline through the linker.
+//
+// Dispatch: a rule kernel is templated on the packed switches, so its loop has no branches.
+// Only canonical switch codes are instantiated (see kernel_valid): maximize, the gradient
+// scale and decoupled decay are folded into scalars by exact arithmetic (x * 1 == x,
+// x * -s == -(x * s)), switches a spec cannot reach are skipped; that leaves a few hundred
+// kernels per math type instead of the full cross product.
+#include "cpu_step.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+#ifndef FASTOPT_ISA_NS
+#define FASTOPT_ISA_NS isa_base
+#endif
+#ifndef FASTOPT_MAIN
+#define FASTOPT_MAIN 1
+#endif
+#define FASTOPT_STR2(x) #x
+#define FASTOPT_STR(x) FASTOPT_STR2(x)
+
+namespace fastopt {
+namespace cpu {
+
+template <typename T>
+using KernelFn = void (*)(int64_t n, T* p, const T* g, const T* h, T* m, T* v, T* vmax, T* gavg, T* u,
+                          const MathScalars<T>* sc);
+
+// What one instruction-set build provides to the dispatcher.
+struct IsaImpl {
+  const char* name;
+  KernelFn<float> (*find_f32)(uint32_t code);
+  KernelFn<double> (*find_f64)(uint32_t code);
+  int (*kernel_count)();
+  void (*to_float)(int dtype, const void* src, float* dst, int64_t n);
+  void (*from_float)(int dtype, const float* src, void* dst, int64_t n);
+};
+
+// Everything outside FASTOPT_ISA_NS has internal linkage, so that no ISA build's copy of it
+// can stand in for another's.
+namespace {
+
+// Canonical switch codes: those a kernel is compiled for.
+constexpr uint32_t field(uint32_t code, int shift) { return static_cast<uint32_t>(switch_field(code, shift)); }
+
+constexpr bool kernel_valid(uint32_t c) {
+  const uint32_t mom = field(c, SHIFT_MOMENTUM), in = field(c, SHIFT_MOMENTUM_INPUT);
+  const uint32_t den = field(c, SHIFT_DENOMINATOR), norm = field(c, SHIFT_NORM);
+  const bool eps = field(c, SHIFT_EPS_INSIDE), cen = field(c, SHIFT_CENTERED);
+  const bool ams = field(c, SHIFT_AMSGRAD), hvp = field(c, SHIFT_HVP), ada = field(c, SHIFT_ADADELTA);
+  const bool use = field(c, SHIFT_USE_DENOMINATOR);
+  if (mom > 2 || in > 2 || den > 1 || norm < 1 || norm > 3) return false;
+  // folded into the scalars (canonicalize): always applied, with neutral values when off
+  if (!field(c, SHIFT_DECOUPLED) || field(c, SHIFT_MAXIMIZE) || !field(c, SHIFT_SCALE_GRAD)) return false;
+  if (mom == 0 && in != 0) return false;
+  if (in == INPUT_PRECONDITIONED && den == 0) return false;
+  if (den == 0) return norm == NORM_L2 && !eps && !cen && !ams && !hvp && !ada && !use;
+  if (cen && norm != NORM_L2) return false;
+  if (eps && norm == NORM_L1) return false;
+  if (ams && norm == NORM_LINF) return false;
+  if (ada && (norm != NORM_L2 || mom != 0)) return false;
+  // only RAdam skips its denominator (early steps): Adam-shaped switches
+  if (!use && !(mom == MOMENTUM_CLASSICAL && in == INPUT_UNSCALED && norm == NORM_L2 && !eps && !cen &&
+                !ams && !ada))
+    return false;
+  return true;
+}
+
+struct CodeList {
+  uint32_t code[1024];
+  int n;
+};
+
+// Every canonical code, ascending (for binary search).
+constexpr CodeList make_codes() {
+  CodeList list{};
+  // the varying fields: momentum, input, denominator, norm and seven flags
+  for (uint32_t i = 0; i < 3u * 3u * 2u * 3u * 128u; ++i) {
+    uint32_t r = i;
+    const uint32_t mom = r % 3, in = (r / 3) % 3, den = (r / 9) % 2, norm = 1 + (r / 18) % 3;
+    const uint32_t flags = r / 54;
+    uint32_t c = (mom << SHIFT_MOMENTUM) | (in << SHIFT_MOMENTUM_INPUT) | (den << SHIFT_DENOMINATOR) |
+                 (norm << SHIFT_NORM) | ((flags & 127u) << SHIFT_EPS_INSIDE) | (1u << SHIFT_DECOUPLED) |
+                 (1u << SHIFT_SCALE_GRAD);
+    if (kernel_valid(c)) list.code[list.n++] = c;
+  }
+  for (int a = 1; a < list.n; ++a) {  // insertion sort
+    uint32_t x = list.code[a];
+    int b = a - 1;
+    while (b >= 0 && list.code[b] > x) {
+      list.code[b + 1] = list.code[b];
+      --b;
+    }
+    list.code[b + 1] = x;
+  }
+  return list;
+}
+
+constexpr CodeList kCodes = make_codes();
+static_assert(kCodes.n > 0 && kCodes.n < 1024, "canonical switch codes");
+
+int find_code(uint32_t code) {
+  int lo = 0, hi = kCodes.n;
+  while (lo < hi) {
+    int mid = (lo + hi) / 2;
+    if (kCodes.code[mid] < code) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return (lo < kCodes.n && kCodes.code[lo] == code) ? lo : -1;
+}
+
+}  // namespace
+
+namespace FASTOPT_ISA_NS {
+
+// ---- rule kernels ----------------------------------------------------------------------
+
+// One rule over n elements in place. Pointers of roles the switches do not use are never
+// touched. `__restrict` lets the compiler vectorize without runtime alias checks: the roles
+// are distinct tensors (h may equal g, both read-only).
+template <typename T, uint32_t SW>
+void kernel(int64_t n, T* __restrict p, const T* __restrict g, const T* __restrict h, T* __restrict m,
+            T* __restrict v, T* __restrict vmax, T* __restrict gavg, T* __restrict u,
+            const MathScalars<T>* scp) {
+  constexpr bool MOM = switch_field(SW, SHIFT_MOMENTUM) != 0;
+  constexpr bool DEN = switch_field(SW, SHIFT_DENOMINATOR) != 0;
+  constexpr bool AMS = DEN && switch_field(SW, SHIFT_AMSGRAD) != 0;
+  constexpr bool CEN = DEN && switch_field(SW, SHIFT_CENTERED) != 0;
+  constexpr bool HVP = switch_field(SW, SHIFT_HVP) != 0;
+  constexpr bool ADA = switch_field(SW, SHIFT_ADADELTA) != 0;
+  const MathScalars<T> sc = *scp;  // a local copy: provably not aliased by the stores
+  for (int64_t i = 0; i < n; ++i) {
+    T pi = p[i], hi = T(0), mi = T(0), vi = T(0), vmi = T(0), gai = T(0), ui = T(0);
+    if constexpr (HVP) hi = h[i];
+    if constexpr (MOM) mi = m[i];
+    if constexpr (DEN) vi = v[i];
+    if constexpr (AMS) vmi = vmax[i];
+    if constexpr (CEN) gai = gavg[i];
+    if constexpr (ADA) ui = u[i];
+    update_packed<T, SW>(pi, g[i], hi, mi, vi, vmi, gai, ui, sc);
+    p[i] = pi;
+    if constexpr (MOM) m[i] = mi;
+    if constexpr (DEN) v[i] = vi;
+    if constexpr (AMS) vmax[i] = vmi;
+    if constexpr (CEN) gavg[i] = gai;
+    if constexpr (ADA) u[i] = ui;
+  }
+}
+
+template <typename T, std::size_t... I>
+KernelFn<T> lookup(uint32_t code, std::index_sequence<I...>) {
+  static const KernelFn<T> table[] = {&kernel<T, kCodes.code[I]>...};
+  int at = find_code(code);
+  return at < 0 ? nullptr : table[at];
+}
+
+KernelFn<float> find_f32(uint32_t code) {
+  return lookup<float>(code, std::make_index_sequence<static_cast<std::size_t>(kCodes.n)>());
+}
+
+KernelFn<double> find_f64(uint32_t code) {
+  return lookup<double>(code, std::make_index_sequence<static_cast<std::size_t>(kCodes.n)>());
+}
+
+int count() { return kCodes.n; }
+
+// ---- storage conversions ---------------------------------------------------------------
+
+void to_float(int dtype, const void* src, float* __restrict dst, int64_t n) {
+  if (dtype == BF16) {
+    const uint16_t* __restrict s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+  } else if (dtype == F16) {
+    const uint16_t* __restrict s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(s[i]);
+  } else {
+    const float* __restrict s = static_cast<const float*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = s[i];
+  }
+}
+
+void from_float(int dtype, const float* __restrict src, void* dst, int64_t n) {
+  if (dtype == BF16) {
+    uint16_t* __restrict d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+  } else if (dtype == F16) {
+    uint16_t* __restrict d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = float_to_half(src[i]);
+  } else {
+    float* __restrict d = static_cast<float*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = src[i];
+  }
+}
+
+const IsaImpl* impl() {
+  static const IsaImpl table = {FASTOPT_STR(FASTOPT_ISA_NS), &find_f32, &find_f64, &count, &to_float,
+                                &from_float};
+  return &table;
+}
+
+}  // namespace FASTOPT_ISA_NS
+}  // namespace cpu
+}  // namespace fastopt
+
+
+#if FASTOPT_MAIN
+// ---- the dispatcher (baseline build only) ---------------------------------------------------
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
+namespace fastopt {
+namespace cpu {
+
+#if defined(FASTOPT_HAVE_AVX2)
+namespace isa_avx2 {
+const IsaImpl* impl();
+}
+#endif
+#if defined(FASTOPT_HAVE_AVX512)
+namespace isa_avx512 {
+const IsaImpl* impl();
+}
+#endif
+
+namespace {
+
+// ---- instruction set --------------------------------------------------------------------
+
+bool cpu_has(const char* isa_name) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (std::strcmp(isa_name, "isa_avx2") == 0) return __builtin_cpu_supports("avx2");
+  if (std::strcmp(isa_name, "isa_avx512") == 0)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+  return std::strcmp(isa_name, "isa_base") == 0;
+}
+
+// Builds in order of preference; the baseline always runs.
+std::vector<const IsaImpl*> usable_isas() {
+  std::vector<const IsaImpl*> all;
+#if defined(FASTOPT_HAVE_AVX512)
+  all.push_back(isa_avx512::impl());
+#endif
+#if defined(FASTOPT_HAVE_AVX2)
+  all.push_back(isa_avx2::impl());
+#endif
+  all.push_back(isa_base::impl());
+  std::vector<const IsaImpl*> usable;
+  for (const IsaImpl* i : all)
+    if (cpu_has(i->name)) usable.push_back(i);
+  return usable;
+}
+
+std::atomic<const IsaImpl*> g_isa{nullptr};
+
+const IsaImpl* current_isa() {
+  const IsaImpl* isa = g_isa.load(std::memory_order_acquire);
+  if (isa == nullptr) {
+    isa = usable_isas().front();
+    g_isa.store(isa, std::memory_order_release);
+  }
+  return isa;
+}
+
+// ---- thread pool ------------------------------------------------------------------------
+
+// Persistent workers, woken per step. Tasks (chunks) are claimed from an atomic counter;
+// which thread runs a chunk never changes its arithmetic, so results do not depend on it.
+class Pool {
+ public:
+  void run(int threads, int64_t tasks, const std::function<void(int64_t)>& fn) {
+    std::lock_guard<std::mutex> one_run_at_a_time(run_mu_);
+    const int64_t helpers = std::min<int64_t>(threads - 1, tasks - 1);
+    if (helpers <= 0) {
+      for (int64_t i = 0; i < tasks; ++i) fn(i);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (static_cast<int64_t>(workers_.size()) < helpers) {
+        const int index = static_cast<int>(workers_.size());
+        workers_.emplace_back([this, index] { work(index); });
+      }
+      fn_ = &fn;
+      tasks_ = tasks;
+      next_.store(0, std::memory_order_relaxed);
+      wanted_ = static_cast<int>(helpers);
+      busy_ = static_cast<int>(helpers);
+      ++generation_;
+    }
+    wake_.notify_all();
+    drain();
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return busy_ == 0; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void drain() {
+    for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) (*fn_)(i);
+  }
+
+  void work(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (index >= wanted_) continue;  // not needed this time
+      }
+      drain();
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--busy_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex run_mu_;
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  std::atomic<int64_t> next_{0};
+  int64_t tasks_ = 0;
+  uint64_t generation_ = 0;
+  int wanted_ = 0;
+  int busy_ = 0;
+};
+
+// The pool is never destroyed: its workers block forever and die with the process, and a
+// forked child (whose copy has no threads behind it) simply starts a new one.
+std::atomic<Pool*> g_pool{nullptr};
+
+#if defined(__unix__) || defined(__APPLE__)
+void forget_pool_in_child() { g_pool.store(nullptr); }
+#endif
+
+Pool& pool() {
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p == nullptr) {
+#if defined(__unix__) || defined(__APPLE__)
+    static const int registered = pthread_atfork(nullptr, nullptr, &forget_pool_in_child);
+    (void)registered;
+#endif
+    Pool* fresh = new Pool();
+    if (g_pool.compare_exchange_strong(p, fresh)) {
+      p = fresh;
+    } else {
+      delete fresh;
+    }
+  }
+  return *p;
+}
+
+// ---- one step ---------------------------------------------------------------------------
+
+constexpr int64_t BLOCK = 512;  // elements per conversion block (buffers stay in L1)
+constexpr int KERNEL_ROLES[] = {P, G, H, M, V, VMAX, GAVG, U};
+constexpr int WRITTEN_ROLES[] = {P, M, V, VMAX, GAVG, U};
+
+int64_t dtype_size(int dtype) { return dtype == F64 ? 8 : (dtype == F32 ? 4 : 2); }
+
+// Maps switches to the canonical code a kernel exists for, folding maximize, the gradient
+// scale and decoupled decay into scalars that reproduce them exactly.
+uint32_t canonicalize(uint32_t sw, const StepScalars& in, StepScalars* out) {
+  *out = in;
+  const double scale = field(sw, SHIFT_SCALE_GRAD) ? in.grad_scale : 1.0;
+  out->grad_scale = field(sw, SHIFT_MAXIMIZE) ? -scale : scale;
+  if (!field(sw, SHIFT_DECOUPLED)) out->decay_factor = 1.0;
+  uint32_t code = sw & ((1u << SHIFT_DECOUPLED) - 1u);
+  if (field(sw, SHIFT_DENOMINATOR) != 0) {
+    code = (code & ~(3u << SHIFT_DENOMINATOR)) | (1u << SHIFT_DENOMINATOR);
+  }
+  return code | (1u << SHIFT_DECOUPLED) | (1u << SHIFT_SCALE_GRAD);
+}
+
+struct Plan {
+  const Group* group;
+  const IsaImpl* isa;
+  std::vector<int64_t> offsets;  // first global element of each tensor, then the total
+  bool used[NUM_ROLES];
+  bool fp64;
+  bool direct;  // float math and every used role already fp32, no master: no conversions
+  KernelFn<float> kf;
+  KernelFn<double> kd;
+  MathScalars<float> sf;
+  MathScalars<double> sd;
+};
+
+template <typename T>
+T* role_ptr(const Plan& pl, int role, int64_t t, int64_t begin) {
+  if (!pl.used[role]) return nullptr;
+  return reinterpret_cast<T*>(pl.group->ptrs[role][t]) + begin;
+}
+
+void run_blocks(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
+  const Group& grp = *pl.group;
+  const bool master = pl.used[MASTER];
+  alignas(64) float buf[NUM_ROLES][BLOCK];
+  for (int64_t b = 0; b < n; b += BLOCK) {
+    const int64_t len = std::min(BLOCK, n - b);
+    float* arg[NUM_ROLES] = {};
+    char* base[NUM_ROLES] = {};
+    for (int role = 0; role < NUM_ROLES; ++role) {
+      if (!pl.used[role]) continue;
+      const int dt = grp.dtypes[role];
+      base[role] = reinterpret_cast<char*>(grp.ptrs[role][t]) + (begin + b) * dtype_size(dt);
+      if (role == P && master) continue;  // written from the master below, never read
+      if (dt == F32) {
+        arg[role] = reinterpret_cast<float*>(base[role]);
+      } else {
+        pl.isa->to_float(dt, base[role], buf[role], len);
+        arg[role] = buf[role];
+      }
+    }
+    float* p = master ? arg[MASTER] : arg[P];
+    pl.kf(len, p, arg[G], arg[H], arg[M], arg[V], arg[VMAX], arg[GAVG], arg[U], &pl.sf);
+    for (int role : WRITTEN_ROLES) {
+      if (role == P && master) continue;
+      if (pl.used[role] && grp.dtypes[role] != F32) pl.isa->from_float(grp.dtypes[role], buf[role], base[role], len);
+    }
+    if (master) pl.isa->from_float(grp.dtypes[P], arg[MASTER], base[P], len);
+  }
+}
+
+// Steps elements [begin, begin + n) of tensor t.
+void run_piece(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
+  if (pl.fp64) {
+    pl.kd(n, role_ptr<double>(pl, P, t, begin), role_ptr<double>(pl, G, t, begin),
+          role_ptr<double>(pl, H, t, begin), role_ptr<double>(pl, M, t, begin), role_ptr<double>(pl, V, t, begin),
+          role_ptr<double>(pl, VMAX, t, begin), role_ptr<double>(pl, GAVG, t, begin),
+          role_ptr<double>(pl, U, t, begin), &pl.sd);
+  } else if (pl.direct) {
+    pl.kf(n, role_ptr<float>(pl, P, t, begin), role_ptr<float>(pl, G, t, begin), role_ptr<float>(pl, H, t, begin),
+          role_ptr<float>(pl, M, t, begin), role_ptr<float>(pl, V, t, begin), role_ptr<float>(pl, VMAX, t, begin),
+          role_ptr<float>(pl, GAVG, t, begin), role_ptr<float>(pl, U, t, begin), &pl.sf);
+  } else {
+    run_blocks(pl, t, begin, n);
+  }
+}
+
+// Steps global elements [chunk * CHUNK, (chunk + 1) * CHUNK), across tensor boundaries.
+void run_chunk(const Plan& pl, int64_t chunk) {
+  const std::vector<int64_t>& off = pl.offsets;
+  const int64_t lo = chunk * CHUNK, hi = std::min(lo + CHUNK, off.back());
+  // the tensor holding element lo: the last offset <= lo (skipping empty tensors)
+  int64_t t = std::upper_bound(off.begin(), off.end() - 1, lo) - off.begin() - 1;
+  for (int64_t at = lo; at < hi; ++t) {
+    const int64_t end = std::min(hi, off[t + 1]);
+    if (end > at) run_piece(pl, t, at - off[t], end - at);
+    at = std::max(at, end);
+  }
+}
+
+}  // namespace
+
+const char* step(uint32_t switches, const StepScalars& scalars, const Group& group, int num_threads) {
+  Plan pl;
+  StepScalars sc;
+  const uint32_t code = canonicalize(switches, scalars, &sc);
+  const bool den = field(code, SHIFT_DENOMINATOR) != 0;
+  pl.group = &group;
+  pl.isa = current_isa();
+  for (bool& u : pl.used) u = false;
+  pl.used[P] = pl.used[G] = true;
+  pl.used[H] = field(code, SHIFT_HVP) != 0;
+  pl.used[M] = field(code, SHIFT_MOMENTUM) != 0;
+  pl.used[V] = den;
+  pl.used[VMAX] = den && field(code, SHIFT_AMSGRAD);
+  pl.used[GAVG] = den && field(code, SHIFT_CENTERED);
+  pl.used[U] = field(code, SHIFT_ADADELTA) != 0;
+  pl.used[MASTER] = group.ptrs[MASTER] != nullptr;
+  for (int role = 0; role < NUM_ROLES; ++role) {
+    if (!pl.used[role]) continue;
+    if (group.ptrs[role] == nullptr) return "a role these switches use has no tensors";
+    if (group.dtypes[role] < 0 || group.dtypes[role] >= NUM_DTYPES) return "unknown dtype code";
+  }
+  pl.fp64 = group.dtypes[P] == F64;
+  pl.direct = !pl.used[MASTER];
+  for (int role = 0; role < NUM_ROLES; ++role) {
+    if (!pl.used[role]) continue;
+    const int dt = group.dtypes[role];
+    if (pl.fp64 != (dt == F64)) return "fp64 params need fp64 grads and state, and only they can have them";
+    if (dt != F32) pl.direct = false;
+  }
+  if (pl.used[MASTER] && group.dtypes[MASTER] != F32) return "master weights must be fp32";
+  pl.kf = nullptr;
+  pl.kd = nullptr;
+  if (pl.fp64) {
+    pl.kd = pl.isa->find_f64(code);
+    pl.sd = math_scalars<double>(sc);
+  } else {
+    pl.kf = pl.isa->find_f32(code);
+    pl.sf = math_scalars<float>(sc);
+  }
+  if (pl.kf == nullptr && pl.kd == nullptr) return "no kernel is compiled for these switches";
+
+  pl.offsets.resize(static_cast<std::size_t>(group.num_tensors) + 1);
+  int64_t total = 0;
+  for (int64_t t = 0; t < group.num_tensors; ++t) {
+    if (group.sizes[t] < 0) return "negative tensor size";
+    pl.offsets[static_cast<std::size_t>(t)] = total;
+    total += group.sizes[t];
+  }
+  pl.offsets.back() = total;
+  if (total == 0) return nullptr;
+  const int64_t chunks = (total + CHUNK - 1) / CHUNK;
+  int threads = num_threads > 0 ? num_threads : static_cast<int>(std::thread::hardware_concurrency());
+  const std::function<void(int64_t)> fn = [&pl](int64_t chunk) { run_chunk(pl, chunk); };
+  pool().run(std::max(threads, 1), chunks, fn);
+  return nullptr;
+}
+
+bool has_kernel(uint32_t switches, bool fp64) {
+  StepScalars unused{};
+  const uint32_t code = canonicalize(switches, unused, &unused);
+  const IsaImpl* isa = current_isa();
+  return fp64 ? isa->find_f64(code) != nullptr : isa->find_f32(code) != nullptr;
+}
+
+int kernel_count() { return current_isa()->kernel_count(); }
+
+const char* isa() { return current_isa()->name; }
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> names;
+  for (const IsaImpl* i : usable_isas()) names.emplace_back(i->name);
+  return names;
+}
+
+bool set_isa(const char* name) {
+  for (const IsaImpl* i : usable_isas()) {
+    if (std::strcmp(i->name, name) == 0) {
+      g_isa.store(i, std::memory_order_release);
+      return true;
+    }
+  }
+  return false;
+}
+
+void to_float(int dtype, const void* src, float* dst, int64_t n) { current_isa()->to_float(dtype, src, dst, n); }
+
+void from_float(int dtype, const float* src, void* dst, int64_t n) {
+  current_isa()->from_float(dtype, src, dst, n);
+}
+
+}  // namespace cpu
+}  // namespace fastopt
+#endif  // FASTOPT_MAIN

@@ -1,0 +1,55 @@
+// The CPU multi-tensor step: one call steps every tensor of a (device, dtype) group.
+//
+// The caller passes raw pointers per role; the work is cut into fixed-size chunks over the
+// concatenation of all tensors and spread over a thread pool. Each element's arithmetic is
+// the same whatever the chunking or thread count, so results are bit-identical.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "update_math.h"
+
+namespace fastopt {
+namespace cpu {
+
+// Storage dtypes of a role (the binding exports these codes).
+enum DType : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3, NUM_DTYPES = 4 };
+
+// Roles, in the order of the pointer and dtype arrays of Group. P is the param; with MASTER
+// present the rule steps the master (fp32) and P receives it rounded to its own dtype.
+enum Role : int { P = 0, G, H, M, V, VMAX, GAVG, U, MASTER, NUM_ROLES };
+
+struct Group {
+  int64_t num_tensors;
+  const int64_t* sizes;              // elements per tensor
+  const uintptr_t* ptrs[NUM_ROLES];  // per role: num_tensors addresses, or null when unused
+  int dtypes[NUM_ROLES];             // per role: a DType (ignored when the role is unused)
+};
+
+// Steps the group. `switches` is fastopt.rule.switches() packed by SwitchShift. Returns
+// null on success, else a static message saying why nothing was done.
+const char* step(uint32_t switches, const StepScalars& scalars, const Group& group, int num_threads);
+
+// Whether a kernel is compiled for these switches and math in fp64 (else fp32).
+bool has_kernel(uint32_t switches, bool fp64);
+
+// Number of compiled rule kernels per math type.
+int kernel_count();
+
+// Instruction-set builds: the one in use (the best this CPU runs, picked at first use), all
+// this CPU can run (best first), and a switch between them (false if unknown or unusable).
+const char* isa();
+std::vector<std::string> available_isas();
+bool set_isa(const char* name);
+
+// Elements per work chunk; tensors are concatenated, then cut at multiples of this.
+constexpr int64_t CHUNK = 1 << 15;
+
+// Element-wise storage conversions (exposed for tests of the rounding).
+void to_float(int dtype, const void* src, float* dst, int64_t n);
+void from_float(int dtype, const float* src, void* dst, int64_t n);
+
+}  // namespace cpu
+}  // namespace fastopt

@@ -1,0 +1,166 @@
+"""The C++ CPU backend: one fused multi-threaded call to ``fastopt._C`` per group and step.
+
+The extension works on raw addresses, so this module's per-step work is collecting each
+role's ``data_ptr()``s and checking sizes, dtypes and layout (a wrong size would make the
+kernel write out of bounds). Non-contiguous tensors are stepped through contiguous copies.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..rule import switches
+from ..scalars import StepScalars
+from ..spec import Spec
+
+name = "cpp"
+
+try:
+    from .. import _C
+except Exception as exc:  # the extension is optional: report why, never fail the import
+    _C = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = None
+
+# Order of the roles in a _C.step call, and where each comes from.
+_STATE_ROLES = ("m", "v", "vmax", "gavg", "u")
+_DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.bfloat16: 2,
+    torch.float16: 3,
+}
+_switch_cache: dict[tuple, int] = {}
+_support_cache: dict[tuple[Spec, torch.dtype], str | None] = {}
+
+
+def unavailable_reason() -> str | None:
+    if _C is None:
+        return (
+            f"the extension fastopt._C could not be imported ({_IMPORT_ERROR}); "
+            "build it with `python -m pip install --no-build-isolation -e .`"
+        )
+    return None
+
+
+def _pack(spec: Spec, scalars: StepScalars) -> int:
+    """rule.switches() packed into the integer the kernels are templated on."""
+    key = (
+        spec,
+        scalars.use_denominator,
+        scalars.weight_decay != 0.0,
+        scalars.decay_factor != 1.0,
+        scalars.grad_scale != 1.0,
+    )
+    code = _switch_cache.get(key)
+    if code is None:
+        shifts = _C.SWITCH_SHIFTS
+        code = sum(int(value) << shifts[key_] for key_, value in switches(spec, scalars).items())
+        _switch_cache[key] = code
+    return code
+
+
+def supports(spec: Spec, device: torch.device, dtype: torch.dtype) -> str | None:
+    if _C is None:
+        return unavailable_reason()
+    if device.type != "cpu":
+        return f"the C++ backend runs on CPU tensors, not {device.type}"
+    if dtype not in _DTYPE_CODES:
+        return f"dtype {dtype} is not one of {sorted(str(d) for d in _DTYPE_CODES)}"
+    key = (spec, dtype)
+    if key not in _support_cache:
+        _support_cache[key] = _kernel_missing(spec, dtype)
+    return _support_cache[key]
+
+
+def _kernel_missing(spec: Spec, dtype: torch.dtype) -> str | None:
+    # every variant a step of this spec can ask for: with/without L2 decay, the gradient
+    # scale, decoupled decay, and RAdam's steps without the denominator
+    uses = (True, False) if spec.extra == 2 else (spec.denominator != 0,)
+    for use in uses:
+        for wd in (0.0, 0.1):
+            scalars = StepScalars(1.0, wd, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, use)
+            if not _C.has_kernel(_pack(spec, scalars), dtype == torch.float64):
+                return f"no C++ kernel is compiled for {spec.short()}"
+    return None
+
+
+def _num_threads() -> int:
+    # FASTOPT_NUM_THREADS overrides torch's intra-op thread count
+    env = os.environ.get("FASTOPT_NUM_THREADS")
+    return int(env) if env else torch.get_num_threads()
+
+
+class _Role:
+    """One role's tensors as the extension sees them, via contiguous copies if needed."""
+
+    __slots__ = ("ptrs", "code", "copies")
+
+    def __init__(self, role: str, tensors: list[torch.Tensor], sizes: list[int], written: bool = True):
+        if len(tensors) != len(sizes):
+            raise ValueError(
+                f"fastopt cpp backend: {len(tensors)} tensors of role {role!r} for {len(sizes)} params"
+            )
+        if [t.numel() for t in tensors] != sizes:
+            raise ValueError(f"fastopt cpp backend: tensors of role {role!r} differ in size from the params")
+        dtypes = {t.dtype for t in tensors}
+        dtype = next(iter(dtypes))
+        if len(dtypes) != 1 or dtype not in _DTYPE_CODES:
+            raise ValueError(f"fastopt cpp backend: role {role!r} needs one supported dtype, got {dtypes}")
+        if tensors[0].device.type != "cpu":
+            raise ValueError(f"fastopt cpp backend: role {role!r} is on {tensors[0].device}, not the CPU")
+        self.code = _DTYPE_CODES[dtype]
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not all([t.is_contiguous() for t in tensors]):
+            stepped = []
+            for t in tensors:
+                if t.is_contiguous():
+                    stepped.append(t)
+                else:
+                    c = t.contiguous()
+                    if written:
+                        self.copies.append((t, c))
+                    stepped.append(c)
+            tensors = stepped
+        self.ptrs = [t.data_ptr() for t in tensors]
+
+    def write_back(self) -> None:
+        for original, copy in self.copies:
+            original.copy_(copy)
+
+
+def step(
+    spec: Spec,
+    scalars: StepScalars,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    hvps: list[torch.Tensor] | None,
+    state: dict[str, list[torch.Tensor]],
+) -> None:
+    """One fused step of ``spec`` over the group, in place (see :mod:`fastopt.backends`)."""
+    if not params:
+        return
+    if _C is None:
+        raise RuntimeError(unavailable_reason())
+    missing = [r for r in spec.state_roles if r not in state]
+    if missing:
+        raise KeyError(f"fastopt cpp backend: state roles {missing} missing for {spec.short()}")
+    sizes = [p.numel() for p in params]
+    roles = [_Role("params", params, sizes), _Role("grads", grads, sizes, written=False)]
+    roles.append(_Role("hvps", hvps, sizes, written=False) if hvps is not None else None)
+    roles += [_Role(r, state[r], sizes) if r in state else None for r in _STATE_ROLES]
+    roles.append(_Role("master", state["master"], sizes) if "master" in state else None)
+    _C.step(
+        _pack(spec, scalars),
+        scalars,
+        sizes,
+        [r.ptrs if r is not None else None for r in roles],
+        [r.code if r is not None else 0 for r in roles],
+        _num_threads(),
+    )
+    for r in roles:
+        if r is not None and r.copies:
+            r.write_back()
