@@ -408,7 +408,9 @@ class Adagrad(_TorchTwin):
         # torch creates Adagrad's state in the constructor; so do we (same checkpoint layout)
         for group in self.param_groups:
             for p in group["params"]:
-                self._init_state(group, self.group_spec(group), p, self.state[p], self.group_hyper(group))
+                self._init_param_state(
+                    group, self.group_spec(group), p, self.state[p], self.group_hyper(group)
+                )
 
     @staticmethod
     def spec_from(maximize) -> Spec:

@@ -44,12 +44,7 @@ def run_backend_vs_reference(
 
 
 def _step_with_hvps(opt, params, hvps, dtype) -> None:
-    table = {p: torch.tensor(h, dtype=dtype) for p, h in zip(params, hvps)}
-    specs = [opt.group_spec(g) for g in opt.param_groups]
-    plans = [opt._plan_group(g, s, table) for g, s in zip(opt.param_groups, specs)]
-    with torch.no_grad():
-        for group, spec, plan in zip(opt.param_groups, specs, plans):
-            opt._run_group(group, spec, plan, 1.0)
+    opt.step_with_hvps({p: torch.tensor(h, dtype=dtype) for p, h in zip(params, hvps)})
 
 
 def max_rel_err(ours: list[np.ndarray], ref: list[np.ndarray]) -> float:
