@@ -40,6 +40,50 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+class _Bucket:
+    """Params of a plan that have taken the same number of steps (usually all of them)."""
+
+    __slots__ = ("t", "indices")
+
+    def __init__(self, t: int, indices: list[int] | None) -> None:
+        self.t, self.indices = t, indices
+
+
+class _Plan:
+    """What one group's step launches: built once while the set of params with gradients
+    stays the same, so a step costs one pass over the gradients, not over everything."""
+
+    __slots__ = (
+        "spec",
+        "params",
+        "device",
+        "dtype",
+        "state",
+        "states",
+        "steps",
+        "buckets",
+        "backend",
+        "grads",
+        "hvps",
+    )
+
+    def __init__(
+        self, spec: Spec, params: list[torch.Tensor], device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.spec, self.params, self.device, self.dtype = spec, params, device, dtype
+        self.state: dict[str, list[torch.Tensor]] | None = None  # created at the first run
+        self.states: list[dict[str, Any]] = []
+        self.steps: torch.Tensor | None = None
+        self.buckets: list[_Bucket] = []
+        self.backend: Any = None
+        self.grads: list[torch.Tensor] = []
+        self.hvps: list[torch.Tensor] | None = None
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """An optimizer for any :class:`~fastopt.spec.Spec`, stepped by a fused backend.
 
@@ -140,7 +184,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.state_dtype = state_dtype
         self.master_weights = master_weights
-        self._steps: dict[torch.Tensor, int] = {}
+        self._plans: dict[int, _Plan] = {}
 
     # -- what subclasses translate ------------------------------------------------------
     def group_spec(self, group: dict[str, Any]) -> Spec:
@@ -176,56 +220,83 @@ class FusedOptimizer(torch.optim.Optimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-
-        plans = [self._plan_group(g, s, hvps) for g, s in zip(self.param_groups, specs)]
-        grad_scale = self._grad_scale(plans)
-        if grad_scale is None:  # a scaler found inf/nan: skip the whole step
-            return loss
-        for group, spec, plan in zip(self.param_groups, specs, plans):
-            self._run_group(group, spec, plan, grad_scale)
+        self._step_groups(specs, hvps)
         return loss
 
-    def _plan_group(self, group: dict[str, Any], spec: Spec, hvps: dict) -> list[tuple]:
-        """Validate a group and list (param, grad, hvp) for params with a gradient.
+    @torch.no_grad()
+    def step_with_hvps(self, hvps: dict[torch.Tensor, torch.Tensor]) -> None:
+        """A step whose HVP-curvature groups use the given H u products (one per param with
+        a gradient) instead of computing them: for curvature estimates made elsewhere."""
+        self._step_groups([self.group_spec(g) for g in self.param_groups], hvps)
 
-        Everything that can be wrong is checked here, before any tensor is modified.
+    def _step_groups(self, specs: list[Spec], hvps: dict[torch.Tensor, torch.Tensor]) -> None:
+        # every group is validated before any tensor of any group is modified
+        plans = [self._plan_group(i, g, s, hvps) for i, (g, s) in enumerate(zip(self.param_groups, specs))]
+        grad_scale = self._grad_scale(plans)
+        if grad_scale is None:  # a scaler found inf/nan: skip the whole step
+            return
+        for group, plan in zip(self.param_groups, plans):
+            if plan is not None:
+                self._run_group(group, plan, grad_scale)
+
+    def _plan_group(self, index: int, group: dict[str, Any], spec: Spec, hvps: dict) -> _Plan | None:
+        """The group's launch plan with this step's gradients, or None if no param has one.
+
+        The plan (validated params, state lists, step counts) is cached while the set of
+        params with gradients stays the same; the gradients are checked every step.
         """
-        plan = []
-        device = dtype = None
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                raise RuntimeError(f"fastopt {type(self).__name__} does not support sparse gradients")
-            if torch.is_complex(p) or torch.is_complex(g):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
+        plan = self._plans.get(index)
+        if plan is None or plan.spec != spec or not _same_tensors(plan.params, params):
+            plan = self._build_plan(spec, params)
+            self._plans[index] = plan
+        grads = [p.grad for p in params]
+        self._check_grads(plan, grads)
+        plan.grads = grads
+        plan.hvps = None
+        if spec.curvature == Curvature.HVP:
+            plan.hvps = [hvps.get(p) for p in params]
+            if any(h is None for h in plan.hvps):
+                raise RuntimeError("a Hessian-vector product is missing for a param with a gradient")
+        return plan
+
+    def _build_plan(self, spec: Spec, params: list[torch.Tensor]) -> _Plan:
+        """Check the params of a group (not their gradients) and their existing state."""
+        device, dtype = params[0].device, params[0].dtype
+        for p in params:
+            if torch.is_complex(p):
                 raise RuntimeError(
                     f"fastopt {type(self).__name__} does not support complex parameters; "
                     "step torch.view_as_real(param) instead"
                 )
             if p.dtype not in _SUPPORTED_DTYPES:
                 raise TypeError(f"fastopt steps floating-point params, got {p.dtype}")
-            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                raise RuntimeError(
-                    f"gradient ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match its "
-                    f"parameter ({tuple(p.shape)}, {p.dtype}, {p.device})"
-                )
-            if device is None:
-                device, dtype = p.device, p.dtype
-            elif p.device != device:
+            if p.device != device:
                 raise ValueError(
                     f"all params of a param group must be on one device; found {device} and {p.device}"
                 )
-            elif p.dtype != dtype:
+            if p.dtype != dtype:
                 raise ValueError(
                     f"all params of a param group must have one dtype; found {dtype} and {p.dtype} "
                     "(put them in separate param groups)"
                 )
             self._check_state(p, spec)
-            plan.append((p, g, hvps.get(p)))
-        if spec.curvature == Curvature.HVP and plan and any(h is None for _, _, h in plan):
-            raise RuntimeError("a Hessian-vector product is missing for a param with a gradient")
-        return plan
+        return _Plan(spec, params, device, dtype)
+
+    def _check_grads(self, plan: _Plan, grads: list[torch.Tensor]) -> None:
+        dtype, device, strided = plan.dtype, plan.device, torch.strided
+        for p, g in zip(plan.params, grads):
+            if g.layout is not strided or g.dtype is not dtype or g.shape != p.shape or g.device != device:
+                if g.is_sparse:
+                    raise RuntimeError(f"fastopt {type(self).__name__} does not support sparse gradients")
+                if torch.is_complex(g):
+                    raise RuntimeError(f"fastopt {type(self).__name__} does not support complex gradients")
+                raise RuntimeError(
+                    f"gradient ({tuple(g.shape)}, {g.dtype}, {g.device}, {g.layout}) does not match its "
+                    f"parameter ({tuple(p.shape)}, {p.dtype}, {p.device})"
+                )
 
     def _check_state(self, p: torch.Tensor, spec: Spec) -> None:
         state = self.state.get(p)
@@ -240,7 +311,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"shape {tuple(p.shape)}"
                 )
 
-    def _grad_scale(self, plans: list[list[tuple]]) -> float | None:
+    def _grad_scale(self, plans: list[_Plan | None]) -> float | None:
         """The gradient multiplier of this step: AMP unscaling times norm clipping.
 
         None when a GradScaler reported inf/nan gradients (the step is skipped, nothing is
@@ -254,7 +325,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if amp_scale is not None:
             scale = 1.0 / float(amp_scale)
         if self.max_grad_norm is not None:
-            grads = [g for plan in plans for _, g, _ in plan]
+            grads = [g for plan in plans if plan is not None for g in plan.grads]
             if grads:
                 # DTensor grads count as the full tensors they shard (one all-reduce per mesh)
                 total = distributed.grad_norm(grads) * scale
@@ -266,52 +337,84 @@ class FusedOptimizer(torch.optim.Optimizer):
                     scale *= coef  # nan/inf norm: clip_grad_norm_ multiplies by nan/0 too
         return scale
 
-    def _run_group(self, group: dict[str, Any], spec: Spec, plan: list[tuple], grad_scale: float) -> None:
-        if not plan:
-            return
+    def _run_group(self, group: dict[str, Any], plan: _Plan, grad_scale: float) -> None:
+        if plan.state is None:
+            self._materialize(group, plan)
+        spec = plan.spec
         hyper = self.group_hyper(group)
-        buckets: dict[tuple, list[tuple]] = defaultdict(list)
-        # torch keeps no state at all for a stateless rule (plain SGD): neither do we
-        stateless = not (self.keeps_step or spec.state_roles or self.master_weights)
-        for p, g, hv in plan:
-            state = {} if stateless else self.state[p]
-            t = self._init_state(group, spec, p, state, hyper) + 1
-            buckets[(p.device, p.dtype, t)].append((p, g, hv, state))
         lr = group["lr"]
         lr = float(lr) if isinstance(lr, torch.Tensor) else lr
-        for (device, dtype, t), items in buckets.items():
-            scalars = step_scalars(spec, hyper, t, lr=lr)
+        for bucket in plan.buckets:
+            scalars = step_scalars(spec, hyper, bucket.t + 1, lr=lr)
             if grad_scale != 1.0:
                 scalars = scalars._replace(grad_scale=grad_scale)
-            self._launch(spec, scalars, device, dtype, items)
-            states = [st for *_, st in items]
-            for p, *_ in items:
-                self._steps[p] = t
-            if self.keeps_step:
-                torch._foreach_add_([st["step"] for st in states], 1.0)
-            self._after_step(group, states, t)
+            idx = bucket.indices
+            if idx is None:  # the usual case: every param of the group at the same step
+                grads, hvps, state, states = plan.grads, plan.hvps, plan.state, plan.states
+                params = plan.params
+            else:
+                params = [plan.params[i] for i in idx]
+                grads = [plan.grads[i] for i in idx]
+                hvps = None if plan.hvps is None else [plan.hvps[i] for i in idx]
+                state = {role: [ts[i] for i in idx] for role, ts in plan.state.items()}
+                states = [plan.states[i] for i in idx]
+            self._launch(plan.backend, spec, scalars, params, grads, hvps, state)
+            bucket.t += 1
+            self._after_step(group, states, bucket.t)
+        if plan.steps is not None:
+            plan.steps.add_(1.0)  # every param's 'step' is a view of this one buffer
 
-    def _launch(self, spec: Spec, scalars: StepScalars, device, dtype, items: list[tuple]) -> None:
-        params = [p for p, *_ in items]
-        grads = [g for _, g, _, _ in items]
-        hvps = [hv for _, _, hv, _ in items] if spec.curvature == Curvature.HVP else None
-        state = {role: [st[self.state_keys[role]] for *_, st in items] for role in spec.state_roles}
-        if self.master_weights and dtype in (torch.float16, torch.bfloat16):
-            state["master"] = [st[self.state_keys["master"]] for *_, st in items]
-        backend = backends.choose(self.backend, spec, device, dtype)
+    def _launch(
+        self,
+        backend: Any,
+        spec: Spec,
+        scalars: StepScalars,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        hvps: list[torch.Tensor] | None,
+        state: dict[str, list[torch.Tensor]],
+    ) -> None:
+        """Hand one (device, dtype, step) bucket to its backend."""
         # backends see plain tensors only: DTensors (FSDP2, TP) are stepped shard by shard
         params, grads, hvps, state = distributed.local_tensors(params, grads, hvps, state)
         backend.step(spec, scalars, params, grads, hvps, state)
 
-    def _init_state(
+    def _materialize(self, group: dict[str, Any], plan: _Plan) -> None:
+        """Create missing state, pack the step counters, bucket params by step count."""
+        spec = plan.spec
+        hyper = self.group_hyper(group)
+        # torch keeps no state at all for a stateless rule (plain SGD): neither do we
+        stateless = not (self.keeps_step or spec.state_roles or self.master_weights)
+        states, counts = [], []
+        for p in plan.params:
+            state = {} if stateless else self.state[p]
+            counts.append(self._steps_from_state(state))  # before any state is created
+            self._init_param_state(group, spec, p, state, hyper)
+            states.append(state)
+        if self.keeps_step:
+            # one buffer, each param's 'step' a 0-dim view of it: a step adds 1 once
+            plan.steps = torch.tensor(counts, dtype=torch.float32)
+            for i, state in enumerate(states):
+                state["step"] = plan.steps[i]
+        roles = list(spec.state_roles)
+        if self.master_weights and plan.dtype in (torch.float16, torch.bfloat16):
+            roles.append("master")
+        plan.state = {role: [st[self.state_keys[role]] for st in states] for role in roles}
+        plan.states = states
+        by_count: dict[int, list[int]] = defaultdict(list)
+        for i, t in enumerate(counts):
+            by_count[t].append(i)
+        if len(by_count) == 1:
+            plan.buckets = [_Bucket(counts[0], None)]
+        else:
+            plan.buckets = [_Bucket(t, idx) for t, idx in sorted(by_count.items())]
+        plan.backend = backends.choose(self.backend, spec, plan.device, plan.dtype)
+
+    def _init_param_state(
         self, group: dict[str, Any], spec: Spec, p: torch.Tensor, state: dict[str, Any], hyper: dict
-    ) -> int:
-        """Create missing state lazily; return the number of steps already taken."""
+    ) -> None:
+        """Create the param's missing state entries."""
         distributed.adopt_state(p, state)  # a loaded unsharded state of a DTensor param
-        t = self._steps.get(p)
-        if t is None:  # first use, or after load_state_dict: read it before creating state
-            t = self._steps_from_state(state)
-            self._steps[p] = t
         if self.keeps_step and "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32)
         dtype = self.state_dtype or p.dtype
@@ -327,13 +430,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             if key not in state:
                 state[key] = p.detach().float()
         self._extra_state(group, p, state)
-        return t
 
     def _steps_from_state(self, state: dict[str, Any]) -> int:
         if self.keeps_step:
             return int(state["step"].item()) if "step" in state else 0
         # torch SGD: only whether the momentum buffer exists matters
         return 1 if state.get(self.state_keys["m"]) is not None else 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._plans = {}
 
     def _gradient_and_hvp(self, closure, specs) -> tuple[Any, dict]:
         if closure is None:
@@ -393,4 +499,4 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        self._steps.clear()
+        self._plans = {}
