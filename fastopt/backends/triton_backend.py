@@ -170,7 +170,9 @@ def _validate(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
                 raise ValueError(f"fastopt triton: each {what} tensor must match its param's size and device")
 
 
-def _table(arrays: list[list[torch.Tensor]], names: list[str], chunk: int, device) -> _Table:
+def pointer_table(arrays: list[list[torch.Tensor]], names: list[str], chunk: int, device) -> _Table:
+    """The device table of ``arrays`` (one list of tensors per array, the params first), from
+    the cache when the same tensors were stepped before. Shared with the CUDA backend."""
     n = len(arrays[0])
     if any(len(ts) != n for ts in arrays):
         raise ValueError("fastopt triton: every role needs one tensor per param")
@@ -310,7 +312,7 @@ def step(
             arrays.append(ts)
 
     cfg = launch_config()
-    table = _table(arrays, ["param", "grad", *slots], cfg["chunk"], device)
+    table = pointer_table(arrays, ["param", "grad", *slots], cfg["chunk"], device)
     if table.n_chunks == 0:
         return
     sw = switches(spec, scalars)
@@ -390,7 +392,7 @@ def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 def _norm_one_dtype(ts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     cfg = launch_config()
-    table = _table([ts], ["grad"], cfg["chunk"], device)
+    table = pointer_table([ts], ["grad"], cfg["chunk"], device)
     if table.n_chunks == 0:
         return torch.zeros(1, dtype=torch.float32, device=device)
     out = torch.empty(1, dtype=torch.float32, device=device)
