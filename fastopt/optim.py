@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from . import backends, distributed
@@ -42,6 +43,81 @@ def check(condition: bool, message: str) -> None:
 
 def _same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Elements from the first to one past the last that ``t`` addresses (0 if empty)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum(st * (sz - 1) for st, sz in zip(t.stride(), t.shape))
+
+
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (an expanded view, say). Sufficient
+    test: with dims sorted by stride, each stride clears everything the smaller ones span."""
+    if t.is_contiguous():
+        return False
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def _addresses(t: torch.Tensor) -> np.ndarray:
+    offsets = np.zeros(1, dtype=np.int64)
+    for stride, size in zip(t.stride(), t.shape):
+        offsets = (offsets[:, None] + np.arange(size, dtype=np.int64) * stride).ravel()
+    return t.data_ptr() + offsets * t.element_size()
+
+
+def _check_no_overlap(params: list[torch.Tensor]) -> None:
+    """Refuse params whose elements share memory, within one or across several: an update
+    would write such an element more than once, in an order no backend defines."""
+    ranges = []
+    for i, p in enumerate(params):
+        if p.device.type == "meta" or distributed.is_dtensor(p) or p.numel() == 0:
+            continue
+        if _self_overlapping(p):
+            raise ValueError(
+                f"param {i} of a group (shape {tuple(p.shape)}, strides {p.stride()}) has elements that "
+                "overlap in memory (an expanded view?); step a .clone() of it instead"
+            )
+        start = p.data_ptr()
+        ranges.append((start, start + _extent(p) * p.element_size(), i))
+    ranges.sort()
+    reach, a = -1, -1  # the furthest end so far and whose it is
+    for start, end, b in ranges:
+        if start < reach:
+            pa, pb = params[a], params[b]
+            # interleaved strided views may share a range without sharing an element
+            both_dense = pa.is_contiguous() and pb.is_contiguous()
+            if both_dense or np.intersect1d(_addresses(pa), _addresses(pb)).size:
+                raise ValueError(
+                    f"params {a} and {b} of a group overlap in memory; a step would write them twice"
+                )
+        if end > reach:
+            reach, a = end, b
+
+
+def _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state) -> None:
+    """Step a backend that needs contiguous tensors: non-contiguous ones (channels-last,
+    transposed or sliced views, expanded grads) go through contiguous copies, and the
+    params' and state's copies are written back."""
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    if hvps is not None:
+        hvps = [h if h.is_contiguous() else h.contiguous() for h in hvps]
+    written = [params, *state.values()]
+    if all(t.is_contiguous() for ts in written for t in ts):
+        backend.step(spec, scalars, params, grads, hvps, state)
+        return
+    copies = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in written]
+    backend.step(spec, scalars, copies[0], grads, hvps, dict(zip(state, copies[1:])))
+    for ts, cs in zip(written, copies):
+        for t, c in zip(ts, cs):
+            if c is not t:
+                t.copy_(c)
 
 
 class _Bucket:
@@ -235,9 +311,34 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale = self._grad_scale(plans)
         if grad_scale is None:  # a scaler found inf/nan: skip the whole step
             return
-        for group, plan in zip(self.param_groups, plans):
-            if plan is not None:
-                self._run_group(group, plan, grad_scale)
+        # the step scalars and the backend choice can fail too: both for every group before
+        # any state is created or any group stepped
+        ready = [(i, g, p) for i, (g, p) in enumerate(zip(self.param_groups, plans)) if p is not None]
+        for i, group, plan in ready:
+            self._check_scalars(i, group, plan)
+        for _, _, plan in ready:
+            if plan.backend is None:
+                plan.backend = backends.choose(self.backend, plan.spec, plan.device, plan.dtype)
+        for _, group, plan in ready:
+            if plan.state is None:
+                self._materialize(group, plan)
+        for _, group, plan in ready:
+            self._run_group(group, plan, grad_scale)
+
+    def _check_scalars(self, index: int, group: dict[str, Any], plan: _Plan) -> None:
+        if plan.state is None:  # not yet stepped by this plan: the counts are in the state
+            steps = {self._steps_from_state(self.state.get(p) or {}) + 1 for p in plan.params}
+        else:
+            steps = {bucket.t + 1 for bucket in plan.buckets}
+        hyper = self.group_hyper(group)
+        for t in steps:
+            try:
+                step_scalars(plan.spec, hyper, t, lr=float(group["lr"]))
+            except (ArithmeticError, ValueError) as exc:  # mu = 1 under bias correction: 0 / 0
+                raise ValueError(
+                    f"param group {index}: its hyperparameters define no step {t} of "
+                    f"{plan.spec.short()} ({type(exc).__name__}: {exc})"
+                ) from exc
 
     def _plan_group(self, index: int, group: dict[str, Any], spec: Spec, hvps: dict) -> _Plan | None:
         """The group's launch plan with this step's gradients, or None if no param has one.
@@ -283,6 +384,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     "(put them in separate param groups)"
                 )
             self._check_state(p, spec)
+        _check_no_overlap(params)
         return _Plan(spec, params, device, dtype)
 
     def _check_grads(self, plan: _Plan, grads: list[torch.Tensor]) -> None:
@@ -377,7 +479,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Hand one (device, dtype, step) bucket to its backend."""
         # backends see plain tensors only: DTensors (FSDP2, TP) are stepped shard by shard
         params, grads, hvps, state = distributed.local_tensors(params, grads, hvps, state)
-        backend.step(spec, scalars, params, grads, hvps, state)
+        if getattr(backend, "accepts_strided", False):
+            backend.step(spec, scalars, params, grads, hvps, state)
+        else:
+            _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state)
 
     def _materialize(self, group: dict[str, Any], plan: _Plan) -> None:
         """Create missing state, pack the step counters, bucket params by step count."""
@@ -399,7 +504,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         roles = list(spec.state_roles)
         if self.master_weights and plan.dtype in (torch.float16, torch.bfloat16):
             roles.append("master")
-        plan.state = {role: [st[self.state_keys[role]] for st in states] for role in roles}
+        plan.state = {role: [st[self._state_key(role)] for st in states] for role in roles}
         plan.states = states
         by_count: dict[int, list[int]] = defaultdict(list)
         for i, t in enumerate(counts):
@@ -408,7 +513,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             plan.buckets = [_Bucket(counts[0], None)]
         else:
             plan.buckets = [_Bucket(t, idx) for t, idx in sorted(by_count.items())]
-        plan.backend = backends.choose(self.backend, spec, plan.device, plan.dtype)
+        if plan.backend is None:
+            plan.backend = backends.choose(self.backend, spec, plan.device, plan.dtype)
 
     def _init_param_state(
         self, group: dict[str, Any], spec: Spec, p: torch.Tensor, state: dict[str, Any], hyper: dict
@@ -426,10 +532,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     fill = float(hyper.get("initial_accumulator_value", 0.0))
                 state[key] = torch.full_like(p, fill, dtype=dtype, memory_format=torch.preserve_format)
         if self.master_weights and p.dtype in (torch.float16, torch.bfloat16):
-            key = self.state_keys["master"]
+            key = self._state_key("master")
             if key not in state:
                 state[key] = p.detach().float()
         self._extra_state(group, p, state)
+
+    def _state_key(self, role: str) -> str:
+        """The state key of a role (a preset names only the roles torch has)."""
+        return self.state_keys.get(role) or GENERIC_STATE_KEYS[role]
 
     def _steps_from_state(self, state: dict[str, Any]) -> int:
         if self.keeps_step:
@@ -438,6 +548,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         return 1 if state.get(self.state_keys["m"]) is not None else 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        if not isinstance(params, torch.Tensor | set):  # torch refuses sets itself
+            param_group["params"] = params = list(params)  # a generator is read once
+            if len({id(p) for p in params}) != len(params):
+                # torch only warns; a fused step would update such a param twice
+                raise ValueError("a param group holds the same parameter more than once")
         super().add_param_group(param_group)
         self._plans = {}
 

@@ -10,6 +10,8 @@ from ..scalars import StepScalars
 from ..spec import Spec
 
 name = "torch"
+# _foreach ops take any strides: the optimizer need not make contiguous copies for us
+accepts_strided = True
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _ROLES = ("m", "v", "vmax", "gavg", "u")
