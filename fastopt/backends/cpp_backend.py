@@ -97,7 +97,7 @@ def _num_threads() -> int:
 class _Role:
     """One role's tensors as the extension sees them, via contiguous copies if needed."""
 
-    __slots__ = ("ptrs", "code", "copies")
+    __slots__ = ("ptrs", "code", "copies", "written")
 
     def __init__(self, role: str, tensors: list[torch.Tensor], sizes: list[int], written: bool = True):
         if len(tensors) != len(sizes):
@@ -113,23 +113,25 @@ class _Role:
         if tensors[0].device.type != "cpu":
             raise ValueError(f"fastopt cpp backend: role {role!r} is on {tensors[0].device}, not the CPU")
         self.code = _DTYPE_CODES[dtype]
+        self.written = written
+        # (original, contiguous copy): the copies must outlive the call, the kernel only
+        # sees their addresses
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         if not all([t.is_contiguous() for t in tensors]):
             stepped = []
             for t in tensors:
-                if t.is_contiguous():
-                    stepped.append(t)
-                else:
+                if not t.is_contiguous():
                     c = t.contiguous()
-                    if written:
-                        self.copies.append((t, c))
-                    stepped.append(c)
+                    self.copies.append((t, c))
+                    t = c
+                stepped.append(t)
             tensors = stepped
         self.ptrs = [t.data_ptr() for t in tensors]
 
     def write_back(self) -> None:
-        for original, copy in self.copies:
-            original.copy_(copy)
+        if self.written:
+            for original, copy in self.copies:
+                original.copy_(copy)
 
 
 def step(
