@@ -101,6 +101,19 @@ def _check_no_overlap(params: list[torch.Tensor]) -> None:
             reach, a = end, b
 
 
+def _step_count(step: Any) -> int | None:
+    """A saved 'step' as an int (a 1-element real tensor or a number), None if it is none."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_complex():
+            return None
+        step = float(step)
+    if isinstance(step, bool) or not isinstance(step, int | float):
+        return None
+    if not (math.isfinite(step) and step >= 0 and step == int(step)):
+        return None
+    return int(step)
+
+
 def _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state) -> None:
     """Step a backend that needs contiguous tensors: non-contiguous ones (channels-last,
     transposed or sliced views, expanded grads) go through contiguous copies, and the
@@ -194,6 +207,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling: ClassVar[bool] = True
     # torch.optim.SGD keeps no 'step' in its state; every other optimizer does
     keeps_step: ClassVar[bool] = True
+    # state entries beyond the rule's roles and 'step' (NAdam's mu_product)
+    extra_state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -543,7 +558,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _steps_from_state(self, state: dict[str, Any]) -> int:
         if self.keeps_step:
-            return int(state["step"].item()) if "step" in state else 0
+            return int(float(state["step"])) if "step" in state else 0  # a tensor, or a number
         # torch SGD: only whether the momentum buffer exists matters
         return 1 if state.get(self.state_keys["m"]) is not None else 0
 
@@ -586,6 +601,40 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss.detach(), hvps
 
     # -- checkpoints --------------------------------------------------------------------
+    def _saved_group_spec(self, index: int, saved: dict[str, Any]) -> Spec:
+        try:
+            return self.group_spec({**self.defaults, **saved})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"param group {index} of the state_dict is not one of {type(self).__name__}'s ({exc})"
+            ) from exc
+
+    def _check_saved_state(self, key: Any, value: Any, spec: Spec) -> None:
+        """A saved param state must hold exactly what this optimizer keeps for its spec."""
+        if not isinstance(value, dict):
+            raise ValueError(f"state of param {key} is a {type(value).__name__}, not a dict")
+        master = self._state_key("master")
+        known = {"step", master, *self.state_keys.values(), *self.extra_state_keys}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"state of param {key} holds {unknown}, which {type(self).__name__} does not keep: "
+                "a checkpoint of another optimizer?"
+            )
+        for name, tensor in value.items():
+            if name == "step":
+                if _step_count(tensor) is None:
+                    raise ValueError(f"state 'step' of param {key} is {tensor!r}, not a step count")
+            elif tensor is not None and not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+                what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise ValueError(f"state {name!r} of param {key} is {what}, not a floating-point tensor")
+        # a param stepped before must come with all of the rule's state: restarting one
+        # accumulator at zero mid-training would silently change the trajectory
+        if (_step_count(value.get("step")) or 0) > 0 or set(value) - {"step", master}:
+            missing = [self._state_key(r) for r in spec.state_roles if self._state_key(r) not in value]
+            if missing:
+                raise ValueError(f"state of param {key} lacks {missing}: a checkpoint of another rule?")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's loader, after checking state shapes (nothing changes on error)."""
         groups = self.param_groups
@@ -611,7 +660,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"state {name!r} of param {key} has shape {tuple(tensor.shape)}, "
                         f"the param {tuple(p.shape)}"
                     )
+        specs = [self._saved_group_spec(i, saved) for i, saved in enumerate(saved_groups)]
+        spec_of = {pid: spec for saved, spec in zip(saved_groups, specs) for pid in saved["params"]}
+        for key, value in state_dict["state"].items():
+            self._check_saved_state(key, value, spec_of[key])
         super().load_state_dict(state_dict)
+        # torch casts floating state to the param's dtype: put back fp32 master weights and
+        # the state dtype this optimizer was asked for, from the saved tensors themselves
+        master = self._state_key("master")
+        for key, value in state_dict["state"].items():
+            p = index[key]
+            for name, tensor in value.items():
+                if name == "step" or not isinstance(tensor, torch.Tensor):
+                    continue
+                dtype = torch.float32 if name == master else self.state_dtype
+                if dtype is not None and p.is_floating_point() and tensor.dtype != self.state[p][name].dtype:
+                    self.state[p][name] = tensor.to(device=self.state[p][name].device, dtype=dtype)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)

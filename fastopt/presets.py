@@ -325,6 +325,7 @@ class Adamax(_AdamFamily):
 class NAdam(_AdamFamily):
     """torch.optim.NAdam, fused, with torch's momentum schedule and 'mu_product' state."""
 
+    extra_state_keys = ("mu_product",)
     _spec_keys = ("maximize", "decoupled_weight_decay")
 
     def __init__(
