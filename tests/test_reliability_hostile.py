@@ -9,6 +9,9 @@ the module (and written as JSON to $FASTOPT_RELIABILITY_COUNTS when that is set)
 from __future__ import annotations
 
 import collections
+import contextlib
+import importlib
+import importlib.util
 import json
 import os
 
@@ -28,18 +31,43 @@ PRESET_NAMES = sorted(n for n in presets.PRESETS if n != "egd")
 COUNTS: collections.Counter = collections.Counter()
 
 
-def _triton_runs_here() -> bool:
-    """Triton steps CPU tensors only when its interpreter was on before it was imported."""
-    return (
-        backends.unavailable_reason("triton") is None
-        and backends.get("triton").supports(presets.spec("adam"), torch.device("cpu"), torch.float32) is None
-    )
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-BACKENDS = cpu_backends() + (["triton"] if _triton_runs_here() else [])
-# the Triton backend steps fp32/bf16/fp16 only; the others are fuzzed in float64, where the
-# reference's own rounding is far below the tolerance
-DTYPE = {"triton": torch.float32}
+@contextlib.contextmanager
+def triton_interpreter():
+    """Triton's CPU interpreter for the duration (its kernels are decorated at import, so
+    they are reloaded if they were compiled ones), as tests/test_triton_backend.py does."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from fastopt.backends import triton_kernels
+
+        if not isinstance(triton_kernels.step_kernel, InterpretedFunction):
+            importlib.reload(triton_kernels)
+        yield
+
+
+# (device, backend): CPU ones everywhere, Triton interpreted where no GPU is present (on a
+# GPU machine the interpreter would take over the compiled kernels in this process)
+TARGETS = [("cpu", b) for b in cpu_backends()]
+if HAS_TRITON and not HAS_CUDA:
+    TARGETS.append(("cpu", "triton"))
+if HAS_CUDA:
+    TARGETS += [("cuda", b) for b in ("torch", "triton", "cuda") if backends.unavailable_reason(b) is None]
+
+
+def _dtype(device: str, backend: str) -> torch.dtype:
+    """float64 where the backend steps it (the reference's own rounding is then far below
+    the tolerance), else fp32."""
+    if backend == "triton":
+        return torch.float32
+    why = backends.get(backend).supports(presets.spec("adam"), torch.device(device), torch.float64)
+    return torch.float64 if why is None else torch.float32
+
+
 # fp32: a few steps of ~20 roundings each, the relative error of each below 2^-24 ~ 6e-8;
 # cancellation (centered variance, p - step) is covered by measuring against |p| + |step|
 RTOL = {torch.float64: 1e-9, torch.float32: 2e-4}
@@ -107,13 +135,15 @@ def _shape(layout: str, rng: np.random.Generator) -> tuple[int, ...]:
     }.get(layout, tuple(int(s) for s in rng.integers(1, 6, rng.integers(1, 4))))
 
 
-def _laid_out(values: np.ndarray, shape: tuple[int, ...], layout: str, dtype: torch.dtype) -> torch.Tensor:
+def _laid_out(
+    values: np.ndarray, shape: tuple[int, ...], layout: str, dtype: torch.dtype, device
+) -> torch.Tensor:
     """A tensor of ``shape`` holding ``values`` in C order, stored in ``layout``."""
-    t = torch.tensor(values, dtype=dtype).reshape(shape)
+    t = torch.tensor(values, dtype=dtype, device=device).reshape(shape)
     if layout == "transposed":
         return t.t().contiguous().t()  # same values, column-major storage
     if layout == "strided":
-        wide = torch.zeros((*shape[:-1], 2 * shape[-1]), dtype=dtype)
+        wide = torch.zeros((*shape[:-1], 2 * shape[-1]), dtype=dtype, device=device)
         wide[..., ::2] = t
         return wide[..., ::2]  # every other element of a wider buffer
     if layout == "channels_last":
@@ -172,10 +202,10 @@ class TorchDecayReference(Reference):
 class Case:
     """Param groups of hostile tensors, their gradients per step and the expected outcome."""
 
-    def __init__(self, data, backend: str):
+    def __init__(self, data, device: str, backend: str):
         draw = data.draw
-        self.backend = backend
-        self.dtype = DTYPE.get(backend, torch.float64)
+        self.device, self.backend = device, backend
+        self.dtype = _dtype(device, backend)
         self.preset = draw(st.sampled_from(PRESET_NAMES), label="preset")
         self.hyper = {k: draw(st.sampled_from(v), label=k) for k, v in EDGE_HYPER.items()}
         self.steps = draw(st.integers(1, 3), label="steps")
@@ -203,7 +233,7 @@ class Case:
     def _param(self, layout):
         shape = _shape(layout, self.rng)
         values = _values(self.rng, int(np.prod(shape)), self.special_rate / 3, self.huge)
-        return _laid_out(values, shape, layout, self.dtype).requires_grad_(), layout, shape
+        return _laid_out(values, shape, layout, self.dtype, self.device).requires_grad_(), layout, shape
 
     def _grad_layout(self, param_layout):
         if param_layout in ("empty", "zero_dim", "one"):
@@ -215,12 +245,13 @@ class Case:
         values = _values(self.rng, int(np.prod(shape)), self.special_rate, self.huge)
         if layout == "same":
             g = torch.empty_like(param)
-            g.copy_(torch.tensor(values, dtype=self.dtype).reshape(shape))
+            g.copy_(torch.tensor(values, dtype=self.dtype, device=self.device).reshape(shape))
             return g
         if layout == "expanded" and len(shape) >= 1 and shape[0] > 1:
-            row = torch.tensor(values[: int(np.prod(shape[1:]))], dtype=self.dtype).reshape(1, *shape[1:])
+            row = torch.tensor(values[: int(np.prod(shape[1:]))], dtype=self.dtype, device=self.device)
+            row = row.reshape(1, *shape[1:])
             return row.expand(shape)  # every row the same memory: read-only use is fine
-        return torch.tensor(values, dtype=self.dtype).reshape(shape)
+        return torch.tensor(values, dtype=self.dtype, device=self.device).reshape(shape)
 
 
 def _build_params(case: Case) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
@@ -228,12 +259,12 @@ def _build_params(case: Case) -> tuple[list[list[torch.Tensor]], list[torch.Tens
     gets a gradient only at the faulty step, so the earlier steps are good ones)."""
     groups = [[p for p, _, _ in g] for g in case.groups]
     extra = {
-        "complex_param": lambda: torch.zeros(3, dtype=torch.complex128),
+        "complex_param": lambda: torch.zeros(3, dtype=torch.complex128, device=case.device),
         "mixed_dtype": lambda: torch.zeros(
-            3, dtype=torch.float32 if case.dtype == torch.float64 else torch.float64
+            3, dtype=torch.float32 if case.dtype == torch.float64 else torch.float64, device=case.device
         ),
         "mixed_device": lambda: torch.zeros(3, dtype=case.dtype, device="meta"),
-        "expanded_param": lambda: torch.zeros(1, 3, dtype=case.dtype).expand(4, 3),
+        "expanded_param": lambda: torch.zeros(1, 3, dtype=case.dtype, device=case.device).expand(4, 3),
     }.get(case.fault)
     extras = [extra().requires_grad_()] if extra else []
     groups[-1].extend(extras)
@@ -250,12 +281,12 @@ def _break_gradients(case: Case, extras: list[torch.Tensor]) -> None:
         e.grad = torch.zeros(e.shape, dtype=e.dtype, device=e.device)
     p = case.groups[-1][-1][0]
     if case.fault == "sparse_grad":
-        p.grad = torch.zeros(p.shape, dtype=case.dtype).to_sparse()
+        p.grad = torch.zeros(p.shape, dtype=case.dtype, device=case.device).to_sparse()
         return
     bad = {
-        "grad_shape": lambda: torch.zeros(p.numel() + 1, dtype=case.dtype),
-        "grad_dtype": lambda: torch.zeros(p.shape, dtype=torch.float16),
-        "complex_grad": lambda: torch.zeros(p.shape, dtype=torch.complex64),
+        "grad_shape": lambda: torch.zeros(p.numel() + 1, dtype=case.dtype, device=case.device),
+        "grad_dtype": lambda: torch.zeros(p.shape, dtype=torch.float16, device=case.device),
+        "complex_grad": lambda: torch.zeros(p.shape, dtype=torch.complex64, device=case.device),
     }.get(case.fault)
     if bad is not None:
         p.grad = torch.zeros_like(p)
@@ -276,7 +307,9 @@ def _run_case(case: Case) -> str:
     opt = make()
     spec = presets.spec(case.preset)
     flat = [p for g in case.groups for p in g]
-    refs = [TorchDecayReference(spec, case.hyper, [p.detach().double().numpy().copy()]) for p, _, _ in flat]
+    refs = [
+        TorchDecayReference(spec, case.hyper, [p.detach().double().cpu().numpy().copy()]) for p, _, _ in flat
+    ]
     scales = [np.zeros(p.shape) for p, _, _ in flat]
     for step in range(case.steps):
         for gi, g in enumerate(case.groups):
@@ -291,7 +324,7 @@ def _run_case(case: Case) -> str:
                 opt.step()
             _assert_untouched(opt, everything, snap)
             return "refused"
-        before = [p.detach().double().numpy().copy() for p, _, _ in flat]
+        before = [p.detach().double().cpu().numpy().copy() for p, _, _ in flat]
         snap = _snapshot(opt, [p for p, _, _ in flat])
         try:
             opt.step()
@@ -303,30 +336,31 @@ def _run_case(case: Case) -> str:
             return "refused"
         for i, ((p, _, _), ref, start) in enumerate(zip(flat, refs, before)):
             if p.grad is None:
-                np.testing.assert_array_equal(p.detach().double().numpy(), start)
+                np.testing.assert_array_equal(p.detach().double().cpu().numpy(), start)
                 continue
-            ref.step([p.grad.double().numpy()])
+            ref.step([p.grad.double().cpu().numpy()])
             b = ref.params[0]
             seen = np.nan_to_num(np.abs(start) + np.abs(b) + np.abs(b - start), nan=0.0, posinf=0.0)
             scales[i] = np.maximum(scales[i], seen)
-            assert_same_as_reference(p.detach().double().numpy(), b, scales[i], RTOL[case.dtype])
+            assert_same_as_reference(p.detach().double().cpu().numpy(), b, scales[i], RTOL[case.dtype])
     return "stepped"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", TARGETS, ids=[f"{d}-{b}" for d, b in TARGETS])
 @settings(max_examples=EXAMPLES)
 @given(data=st.data())
-def test_hostile_input_steps_like_the_reference_or_is_refused_untouched(backend, data):
-    case = Case(data, backend)
-    with np.errstate(all="ignore"):  # NaN and Inf are the point here
+def test_hostile_input_steps_like_the_reference_or_is_refused_untouched(device, backend, data):
+    case = Case(data, device, backend)
+    env = triton_interpreter() if device == "cpu" and backend == "triton" else contextlib.nullcontext()
+    with env, np.errstate(all="ignore"):  # NaN and Inf are the point here
         outcome = _run_case(case)
-    COUNTS[(backend, outcome)] += 1
+    COUNTS[(f"{device}-{backend}", outcome)] += 1
 
 
 def test_fuzz_covers_every_available_backend():
-    assert "torch" in BACKENDS
+    assert ("cpu", "torch") in TARGETS
     if backends.unavailable_reason("cpp") is None:
-        assert "cpp" in BACKENDS
+        assert ("cpu", "cpp") in TARGETS
     assert fastopt.Adam is presets.Adam
 
 
