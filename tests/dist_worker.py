@@ -191,6 +191,26 @@ def run_fsdp(name: str, backend: str, device: str, rank: int, ws: int) -> dict[s
     return result
 
 
+def run_fsdp_full(name: str, backend: str, device: str, rank: int, ws: int) -> dict[str, Any]:
+    """FSDP2 resuming from an unsharded single-process checkpoint through the optimizer's own
+    load_state_dict (plain tensors of full shape): each rank must keep its shard of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    single = make_model(device)
+    single_opt = build(name, single.parameters(), backend)
+    train(single, single_opt, 0, HALF, device)
+    model = fsdp_model(device, ws)
+    set_model_state_dict(model, single.state_dict(), options=StateDictOptions(full_state_dict=True))
+    opt = build(name, model.parameters(), backend)
+    opt.load_state_dict(copy.deepcopy(single_opt.state_dict()))
+    train(model, opt, HALF, HALF, device, rank, ws)
+    result = compare(model, name, backend, device)
+    bad = state_layout_errors(opt)
+    if bad:
+        result["error"] = "; ".join(bad)
+    return result
+
+
 def state_layout_errors(opt: torch.optim.Optimizer) -> list[str]:
     """Every state tensor shaped like its DTensor param must be a DTensor of its layout."""
     errors = []
@@ -240,7 +260,7 @@ def run_zero(
     return compare(ddp, name, backend, device)
 
 
-MODES = {"ddp": run_ddp, "fsdp": run_fsdp, "zero": run_zero}
+MODES = {"ddp": run_ddp, "fsdp": run_fsdp, "zero": run_zero, "fsdp_full": run_fsdp_full}
 
 
 def run_case(mode: str, name: str, backend: str, device: str, rank: int, ws: int) -> dict[str, Any]:

@@ -65,7 +65,8 @@ def _matrix(optims: tuple[str, ...], backend_names: tuple[str, ...]) -> list[tup
 
 # (device, world size) -> the cases it runs; ws 3 runs a cheaper subset
 JOBS: dict[tuple[str, int], list[tuple[str, str, str]]] = {
-    ("cpu", 2): _matrix(OPTIMS, CPU_BACKENDS),
+    ("cpu", 2): _matrix(OPTIMS, CPU_BACKENDS)
+    + [("fsdp_full", n, b) for n in CKPT_OPTIMS for b in CPU_BACKENDS],
     ("cpu", 3): _matrix(("Adam", "adam_l1_clip"), CPU_BACKENDS),
     ("cuda", 1): _matrix(OPTIMS, GPU_BACKENDS),
 }
@@ -118,7 +119,7 @@ class Jobs:
 
     def __init__(self, root: Any) -> None:
         self.root = root
-        self.results: dict[Any, dict[str, dict[str, Any]]] = {}
+        self.results: dict[Any, dict[str, dict[str, Any]] | Exception] = {}
 
     def ckpt(self, tag: str, name: str, backend: str) -> str:
         return str(self.root / f"ckpt-{tag}-{name}-{backend}")
@@ -136,7 +137,10 @@ class Jobs:
     def get(self, device: str, world_size: int) -> dict[str, dict[str, Any]]:
         key = (device, world_size)
         if key in self.results:
-            return self.results[key]
+            result = self.results[key]
+            if isinstance(result, Exception):
+                raise RuntimeError(f"the {device} job with {world_size} ranks failed") from result
+            return result
         job: dict[str, Any] = dict(device=device, cases=[list(c) for c in JOBS[key]])
         if key == ("cpu", 2):
             self.single_process_checkpoints()
@@ -149,8 +153,11 @@ class Jobs:
             job["load"] = [[self.ckpt("ws2", n, b), n, b] for n, b in self.ckpt_cases()]
         out = self.root / f"out-{device}-{world_size}"
         out.mkdir()
-        self.results[key] = spawn(world_size, job, str(out))
-        return self.results[key]
+        try:
+            self.results[key] = spawn(world_size, job, str(out))
+        except Exception as exc:  # a crashed job fails each of its tests with the cause
+            self.results[key] = exc
+        return self.get(device, world_size)
 
 
 @pytest.fixture(scope="module")
