@@ -36,15 +36,16 @@ HEADERS = ["csrc/update_math.h"]
 
 
 def cuda_home() -> Path | None:
-    """The CUDA toolkit's root, from CUDA_HOME/CUDA_PATH or the nvcc on PATH."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var) and (Path(os.environ[var]) / "bin" / "nvcc").exists():
-            return Path(os.environ[var])
+    """The CUDA toolkit's root: CUDA_HOME/CUDA_PATH, /usr/local/cuda, or where the nvcc on
+    PATH lives (a toolkit has bin/nvcc and include/cuda_runtime.h)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return Path(nvcc).resolve().parent.parent
-    default = Path("/usr/local/cuda")
-    return default if (default / "bin" / "nvcc").exists() else None
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    for c in candidates:
+        if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
+            return Path(c)
+    return None
 
 
 def torch_cuda_version() -> str | None:

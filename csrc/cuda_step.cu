@@ -14,8 +14,10 @@
 // element loop has no branches on them. Only canonical codes are compiled: maximize, the
 // gradient scale and decoupled decay are folded into the scalars with exact arithmetic
 // (x * 1 == x, x * -s == -(x * s)), and SUM and MEAN denominators share one kernel (they
-// differ only in scalars). Storage dtypes are run-time values: a warp-uniform branch per
-// access costs nothing next to the memory traffic and keeps the kernel count at a few hundred.
+// differ only in scalars). L2 weight decay is a run-time flag: the kernel forms the rule's
+// first line, g * s + p * wd, itself and runs the rule with a scale of 1 (exact) and no L2.
+// Storage dtypes are run-time values too: a warp-uniform branch per access costs nothing next
+// to the memory traffic. That leaves under two hundred kernels.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -47,6 +49,7 @@ struct StepArgs {
   int dt_p, dt_g, dt_s;
   int aligned;  // every address is 16-byte aligned: vector accesses
   int maximize, decoupled;  // folded into device scalars (host scalars arrive folded)
+  int has_l2;  // g = g * grad_scale + p * weight_decay before the rule
   int64_t chunk;
   MathScalars<float> scalars;
   const double* device_scalars;  // or null: StepScalars fields, then the rounding seed
@@ -101,6 +104,7 @@ constexpr bool canonical(uint32_t c) {
   const bool ams = field(c, SHIFT_AMSGRAD), hvp = field(c, SHIFT_HVP), ada = field(c, SHIFT_ADADELTA);
   const bool use = field(c, SHIFT_USE_DENOMINATOR);
   if (!field(c, SHIFT_DECOUPLED) || field(c, SHIFT_MAXIMIZE) || !field(c, SHIFT_SCALE_GRAD)) return false;
+  if (field(c, SHIFT_HAS_L2)) return false;
   if (mom > 2 || in > 2 || den > 1 || norm < 1 || norm > 3) return false;
   if (mom == 0 && in != 0) return false;
   if (in == INPUT_PRECONDITIONED && den == 0) return false;
@@ -122,7 +126,7 @@ constexpr Codes make_codes() {
   Codes list{};
   const uint32_t fixed = (1u << SHIFT_DECOUPLED) | (1u << SHIFT_SCALE_GRAD);
   // Only the fields that vary, most significant outermost: the codes come out ascending.
-  for (uint32_t flags = 0; flags < 128u; ++flags) {  // EPS_INSIDE .. HAS_L2, bits 8 to 14
+  for (uint32_t flags = 0; flags < 64u; ++flags) {  // EPS_INSIDE .. USE_DENOMINATOR, bits 8 to 13
     for (uint32_t norm = 1; norm <= 3; ++norm) {
       for (uint32_t den = 0; den <= 1; ++den) {
         for (uint32_t in = 0; in <= 2; ++in) {
@@ -297,6 +301,8 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
     if (rnd.key != 0) rnd.key = static_cast<uint64_t>(d[13]) * 0x9e3779b97f4a7c15ull + 1;
   }
   if (a.inv_scale != nullptr) sc.grad_scale *= *a.inv_scale;
+  MathScalars<float> rule_sc = sc;
+  if (a.has_l2) rule_sc.grad_scale = 1.0f;  // applied below with the L2 term
   if (rnd.key != 0) rnd.key ^= static_cast<uint64_t>(t) << 40;
 
   const int64_t* row = a.ptrs + t * a.na;
@@ -329,7 +335,8 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
     if constexpr (ADA) load(u, ds, i, n, whole, ru);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      rule<SW>(rp[k], rg[k], HVP ? rh[k] : rg[k], rm[k], rv[k], rvm[k], rga[k], ru[k], sc, use_denominator);
+      if (a.has_l2) rg[k] = rg[k] * sc.grad_scale + rp[k] * sc.weight_decay;  // the rule's first lines
+      rule<SW>(rp[k], rg[k], HVP ? rh[k] : rg[k], rm[k], rv[k], rvm[k], rga[k], ru[k], rule_sc, use_denominator);
     }
     store(pw, dp, i, n, whole, rp, Rounding{0}, 0);
     if (w != nullptr) store(p, a.dt_p, i, n, whole, rp, Rounding{0}, 0);
@@ -428,7 +435,7 @@ int kernel_count() { return kCodes.n; }
 
 uint32_t kernel_code(int i) { return (i >= 0 && i < kCodes.n) ? kCodes.code[i] : 0u; }
 
-bool has_kernel(uint32_t code) { return find_code(code) >= 0; }
+bool has_kernel(uint32_t code) { return find_code(code & ~(1u << SHIFT_HAS_L2)) >= 0; }
 
 void dtype_codes(int* f32, int* bf16, int* f16) {
   *f32 = F32;
@@ -441,7 +448,7 @@ const char* launch_step(uint32_t code, const int64_t* ptrs, const int64_t* sizes
                         int64_t chunk, const double* host_scalars, const double* device_scalars,
                         const float* inv_scale, const float* found_inf, int maximize, int decoupled,
                         uint64_t seed, void* stream) {
-  const int at = find_code(code);
+  const int at = find_code(code & ~(1u << SHIFT_HAS_L2));
   if (at < 0) return "no CUDA kernel is compiled for these switches";
   if (n_chunks <= 0) return nullptr;
   if (n_chunks > 0x7fffffffLL) return "too many chunks for one launch";
@@ -457,6 +464,7 @@ const char* launch_step(uint32_t code, const int64_t* ptrs, const int64_t* sizes
   a.aligned = aligned;
   a.maximize = maximize;
   a.decoupled = decoupled;
+  a.has_l2 = field(code, SHIFT_HAS_L2) != 0;
   a.chunk = chunk;
   const double* h = host_scalars;
   a.scalars = MathScalars<float>{float(h[0]), float(h[1]), float(h[2]),  float(h[3]),

@@ -196,7 +196,7 @@ def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
     norms = [_norm_one_dtype(ts, device) for ts in by_dtype.values()]
-    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.cat(norms))
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.cat(norms)).reshape(1)
 
 
 def _norm_one_dtype(ts: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -102,19 +102,36 @@ def launch_config() -> dict[str, int]:
 
 
 class _Table:
-    """A device int64 buffer ``[ptrs (n, na) | sizes (n) | chunks (c, 2)]`` and its views."""
+    """The device-side description of a group, one int64 buffer with views:
 
-    __slots__ = ("buf", "host", "ptrs", "sizes", "chunks", "n_chunks", "aligned")
+    ``ptrs`` (n, na) addresses; ``sizes`` (n); ``chunks`` (c, 2) (tensor, start) pairs, one
+    program each; ``packed_ids`` (k) tensors smaller than ``pack_below`` elements, which are
+    not chunked but packed element by element into programs of ``pack_below`` elements
+    (so ten thousand tiny tensors take a few programs, not ten thousand), and their prefix
+    sums ``packed_offs`` (k + 1).
+    """
 
-    def __init__(self, ptrs: np.ndarray, sizes: np.ndarray, esizes: list[int], chunk: int, device):
+    __slots__ = (
+        "buf", "host", "ptrs", "sizes", "chunks", "packed_ids", "packed_offs", "n_chunks", "n_packed",
+        "packed_elems", "n_programs", "search", "aligned",
+    )  # fmt: skip
+
+    def __init__(
+        self, ptrs: np.ndarray, sizes: np.ndarray, esizes: list[int], chunk: int, pack_below: int, device
+    ):
         ptrs, sizes = _coalesce(ptrs, sizes, esizes)
         n, na = ptrs.shape
-        per = (sizes + chunk - 1) // chunk
-        owner = np.repeat(np.arange(n, dtype=np.int64), per)
+        small = sizes < pack_below
+        big = np.flatnonzero(~small)
+        per = (sizes[big] + chunk - 1) // chunk
+        owner = np.repeat(big, per)
         first = np.repeat(np.cumsum(per) - per, per)
         starts = (np.arange(len(owner), dtype=np.int64) - first) * chunk
         chunks = np.stack([owner, starts], axis=1)
-        host = torch.from_numpy(np.concatenate([ptrs.ravel(), sizes, chunks.ravel()]))
+        packed_ids = np.flatnonzero(small)
+        packed_offs = np.concatenate([[0], np.cumsum(sizes[packed_ids])])
+        parts = [ptrs.ravel(), sizes, chunks.ravel(), packed_ids, packed_offs]
+        host = torch.from_numpy(np.concatenate(parts).astype(np.int64))
         device = torch.device(device)
         if device.type == "cuda":
             # pinned + non_blocking: the upload is queued on the stream, the host goes on
@@ -123,10 +140,18 @@ class _Table:
         else:
             self.buf = host
         self.host = host  # kept alive until the (asynchronous) upload has been consumed
-        self.ptrs = self.buf[: n * na]
-        self.sizes = self.buf[n * na : n * na + n]
-        self.chunks = self.buf[n * na + n :]
+        views, at = [], 0
+        for part in parts:
+            views.append(self.buf[at : at + part.size])
+            at += part.size
+        self.ptrs, self.sizes, self.chunks, self.packed_ids, self.packed_offs = views
         self.n_chunks = len(owner)
+        self.n_packed = len(packed_ids)
+        self.packed_elems = int(packed_offs[-1])
+        packed_programs = -(-self.packed_elems // pack_below) if self.n_packed else 0
+        self.n_programs = self.n_chunks + packed_programs
+        # binary-search steps over the packed tensors, rounded up (fewer kernel variants)
+        self.search = -(-max(1, self.n_packed - 1).bit_length() // 4) * 4 if self.n_packed else 0
         # 16-byte aligned addresses let the kernel use 16-byte accesses
         self.aligned = bool((ptrs % 16 == 0).all()) if ptrs.size else True
 
@@ -170,7 +195,9 @@ def _validate(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
                 raise ValueError(f"fastopt triton: each {what} tensor must match its param's size and device")
 
 
-def pointer_table(arrays: list[list[torch.Tensor]], names: list[str], chunk: int, device) -> _Table:
+def pointer_table(
+    arrays: list[list[torch.Tensor]], names: list[str], chunk: int, device, pack_below: int = 0
+) -> _Table:
     """The device table of ``arrays`` (one list of tensors per array, the params first), from
     the cache when the same tensors were stepped before. Shared with the CUDA backend."""
     n = len(arrays[0])
@@ -181,11 +208,18 @@ def pointer_table(arrays: list[list[torch.Tensor]], names: list[str], chunk: int
         ptrs[:, a] = np.fromiter(map(torch.Tensor.data_ptr, ts), dtype=np.int64, count=n)
     sizes = np.fromiter(map(torch.Tensor.numel, arrays[0]), dtype=np.int64, count=n)
     esizes = [ts[0].element_size() for ts in arrays]
-    key = (str(device), chunk, ptrs.tobytes(), sizes.tobytes(), tuple(ts[0].dtype for ts in arrays))
+    key = (
+        str(device),
+        chunk,
+        pack_below,
+        ptrs.tobytes(),
+        sizes.tobytes(),
+        tuple(ts[0].dtype for ts in arrays),
+    )
     table = _TABLES.get(key)
     if table is None:
         _validate(arrays, names)
-        table = _TABLES[key] = _Table(ptrs, sizes, esizes, chunk, device)
+        table = _TABLES[key] = _Table(ptrs, sizes, esizes, chunk, pack_below, device)
         if len(_TABLES) > _MAX_TABLES:
             _TABLES.popitem(last=False)
     else:
@@ -312,9 +346,31 @@ def step(
             arrays.append(ts)
 
     cfg = launch_config()
-    table = pointer_table(arrays, ["param", "grad", *slots], cfg["chunk"], device)
-    if table.n_chunks == 0:
+    table = pointer_table(arrays, ["param", "grad", *slots], cfg["chunk"], device, pack_below=cfg["block"])
+    if table.n_programs == 0:
         return
+    _launch(
+        table, spec, scalars, len(arrays), slots, (p_dtype, g_dtype, s_dtype), sr, cfg,
+        grad_scale_ptr, found_inf, scalars_tensor,
+    )  # fmt: skip
+
+
+def _launch(
+    table: Any,
+    spec: Spec,
+    scalars: StepScalars,
+    n_arrays: int,
+    slots: dict[str, int],
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+    sr: bool,
+    cfg: dict[str, int],
+    grad_scale_ptr: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    scalars_tensor: torch.Tensor | None,
+) -> None:
+    """Launch the step kernel over a table (anything with _Table's attributes: tests
+    hand-build one to check int64 offsets without 8 GB tensors)."""
+    p_dtype, g_dtype, s_dtype = dtypes
     sw = switches(spec, scalars)
     dynamic_use = False
     if scalars_tensor is not None:
@@ -329,16 +385,21 @@ def step(
     if grad_scale_ptr is not None:
         sw["SCALE_GRAD"] = 1
     dummy = table.buf
-    K.step_kernel[(table.n_chunks,)](
+    K.step_kernel[(table.n_programs,)](
         table.ptrs,
         table.sizes,
         table.chunks,
+        table.packed_ids,
+        table.packed_offs,
         scalars_tensor if scalars_tensor is not None else dummy,
         grad_scale_ptr if grad_scale_ptr is not None else dummy,
         found_inf if found_inf is not None else dummy,
+        table.n_chunks,
+        table.n_packed,
+        table.packed_elems,
         *(float(x) for x in scalars[:12]),
         _next_seed() if sr and scalars_tensor is None else 0,
-        NA=len(arrays),
+        NA=n_arrays,
         S_H=slots.get("h", -1),
         S_M=slots.get("m", -1),
         S_V=slots.get("v", -1),
@@ -358,6 +419,7 @@ def step(
         **sw,
         CHUNK=cfg["chunk"],
         BLOCK=cfg["block"],
+        SEARCH=table.search,
         num_warps=cfg["num_warps"],
     )
 
@@ -387,7 +449,7 @@ def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     norms = [_norm_one_dtype(ts, device) for ts in by_dtype.values()]
     if len(norms) == 1:
         return norms[0]
-    return torch.linalg.vector_norm(torch.cat(norms))
+    return torch.linalg.vector_norm(torch.cat(norms)).reshape(1)
 
 
 def _norm_one_dtype(ts: list[torch.Tensor], device: torch.device) -> torch.Tensor:

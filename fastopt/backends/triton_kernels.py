@@ -87,6 +87,33 @@ def _array(ptrs, t, NA: tl.constexpr, SLOT: tl.constexpr, DT: tl.constexpr, ALIG
 
 
 @triton.jit
+def _round(x, DT: tl.constexpr):
+    """fp32 -> DT, rounding to nearest even. bf16 by hand: the bits are rounded to a value
+    that bf16 holds exactly, so the final conversion is exact whatever rounding the
+    conversion itself uses (Triton's interpreter truncates)."""
+    if DT == tl.bfloat16:
+        raw = x.to(tl.uint32, bitcast=True)
+        raw = (raw + 0x7FFF + ((raw >> 16) & 1)) & 0xFFFF0000
+        y = raw.to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, y).to(DT)  # NaN: the rounding could carry it to infinity
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _hash(x):
+    """A 32-bit integer hash (xor-shift-multiply, 'lowbias32'): counter-based random bits
+    for stochastic rounding, cheap next to memory traffic. (Triton's philox is a jit
+    function of triton.language, unusable by the interpreter unless triton was imported
+    with TRITON_INTERPRET already set.)"""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
 def _store(base, offs, x, mask, bits, SR: tl.constexpr):
     """Store fp32 x to base's element type; SR: stochastic rounding to bf16 with the
     random ``bits`` (adding 16 random low bits before truncating rounds up with probability
@@ -98,7 +125,7 @@ def _store(base, offs, x, mask, bits, SR: tl.constexpr):
         y = tl.where(x != x, x, y)  # a NaN with only low mantissa bits must stay NaN
         tl.store(base + offs, y.to(base.dtype.element_ty), mask=mask)
     else:
-        tl.store(base + offs, x.to(base.dtype.element_ty), mask=mask)
+        tl.store(base + offs, _round(x, base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -176,17 +203,20 @@ def _block(
         )  # fmt: skip
 
     if SR:
-        # four independent random streams per element, one per state role that can be
-        # present together (Adadelta's u never has momentum beside it: it shares m's)
-        r0, r1, r2, r3 = tl.randint4x(seed, offs + (t << 40))
+        # one random word per element and step; each state role takes its own rehash
+        r0 = _hash(offs.to(tl.uint32) ^ (offs >> 32).to(tl.uint32) * 0x2C1B3C6D ^ (t * 0x297A2D39).to(tl.uint32)
+                   ^ seed.to(tl.uint32))  # fmt: skip
+        r1 = _hash(r0 ^ 0x68E31DA4)
+        r2 = _hash(r0 ^ 0x1B56C4E9)
+        r3 = _hash(r0 ^ 0x3F84D5B5)
     else:
         r0 = offs
         r1 = offs
         r2 = offs
         r3 = offs
-    tl.store(w_base + offs, p.to(w_base.dtype.element_ty), mask=mask)
+    tl.store(w_base + offs, _round(p, w_base.dtype.element_ty), mask=mask)
     if HAS_MASTER:
-        tl.store(p_base + offs, p.to(p_base.dtype.element_ty), mask=mask)
+        tl.store(p_base + offs, _round(p, p_base.dtype.element_ty), mask=mask)
     if HAS_M:
         _store(m_base, offs, m, mask, r0, SR)
     if HAS_V:
@@ -199,14 +229,72 @@ def _block(
         _store(u_base, offs, u, mask, r0, SR)
 
 
-@triton.jit(do_not_specialize=["seed"])
+# The rule's switches and the layout flags, passed on unchanged by the helpers below.
+@triton.jit
+def _tensor_block(
+    offs, mask, t, ptrs, scalars, seed,
+    lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
+    v_decay, v_weight, v_scale, eps,
+    NA: tl.constexpr, S_H: tl.constexpr, S_M: tl.constexpr, S_V: tl.constexpr, S_VMAX: tl.constexpr,
+    S_GAVG: tl.constexpr, S_U: tl.constexpr, S_MASTER: tl.constexpr,
+    DT_P: tl.constexpr, DT_G: tl.constexpr, DT_S: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr,
+    DYNAMIC_USE_DENOMINATOR: tl.constexpr,
+    MOMENTUM: tl.constexpr, MOMENTUM_INPUT: tl.constexpr, DENOMINATOR: tl.constexpr,
+    NORM: tl.constexpr, EPS_INSIDE: tl.constexpr, CENTERED: tl.constexpr, AMSGRAD: tl.constexpr,
+    HVP: tl.constexpr, ADADELTA: tl.constexpr, USE_DENOMINATOR: tl.constexpr, HAS_L2: tl.constexpr,
+    DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, SCALE_GRAD: tl.constexpr,
+):  # fmt: skip
+    """Elements ``offs`` of tensor(s) ``t``: a scalar t with a block of offsets (a chunk of a
+    large tensor), or one t per element (packed small tensors)."""
+    p_base = _array(ptrs, t, NA, 0, DT_P, ALIGNED)
+    g_base = _array(ptrs, t, NA, 1, DT_G, ALIGNED)
+    # absent arrays alias the param pointer; their flags keep them from being touched
+    w_base = p_base
+    if S_MASTER >= 0:
+        w_base = _array(ptrs, t, NA, S_MASTER, tl.float32, ALIGNED)
+    h_base = g_base
+    if S_H >= 0:
+        h_base = _array(ptrs, t, NA, S_H, DT_G, ALIGNED)
+    m_base = p_base
+    if S_M >= 0:
+        m_base = _array(ptrs, t, NA, S_M, DT_S, ALIGNED)
+    v_base = p_base
+    if S_V >= 0:
+        v_base = _array(ptrs, t, NA, S_V, DT_S, ALIGNED)
+    vmax_base = p_base
+    if S_VMAX >= 0:
+        vmax_base = _array(ptrs, t, NA, S_VMAX, DT_S, ALIGNED)
+    gavg_base = p_base
+    if S_GAVG >= 0:
+        gavg_base = _array(ptrs, t, NA, S_GAVG, DT_S, ALIGNED)
+    u_base = p_base
+    if S_U >= 0:
+        u_base = _array(ptrs, t, NA, S_U, DT_S, ALIGNED)
+    _block(
+        offs, mask, t, scalars, seed,
+        lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
+        v_decay, v_weight, v_scale, eps,
+        p_base, g_base, w_base, h_base, m_base, v_base, vmax_base, gavg_base, u_base,
+        S_MASTER >= 0, S_H >= 0, S_M >= 0, S_V >= 0, S_VMAX >= 0, S_GAVG >= 0, S_U >= 0, SR,
+        DYNAMIC_USE_DENOMINATOR,
+        MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+        HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["seed", "n_chunks", "n_packed", "packed_elems"])
 def step_kernel(
     ptrs,
     sizes,
     chunks,
+    packed_ids,  # small tensors, packed element by element after the chunks' programs
+    packed_offs,  # their exclusive prefix sums (n_packed + 1 entries)
     scalars,  # device StepScalars (SCALAR_FIELDS order) when SCALARS_FROM_TENSOR
     inv_scale_ptr,  # device scalar multiplying the grads, when HAS_INV_SCALE
     found_inf_ptr,  # device flag: nonzero leaves everything untouched, when HAS_FOUND_INF
+    n_chunks,
+    n_packed,
+    packed_elems,
     lr,
     weight_decay,
     decay_factor,
@@ -255,14 +343,13 @@ def step_kernel(
     SCALE_GRAD: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    SEARCH: tl.constexpr,  # binary-search steps over the packed tensors (0: none packed)
 ):
     c = tl.program_id(0).to(tl.int64)
-    t = tl.load(chunks + 2 * c)
-    start = tl.multiple_of(tl.load(chunks + 2 * c + 1), CHUNK)
-    stop = tl.minimum(tl.load(sizes + t), start + CHUNK)
+    skip = False
     if HAS_FOUND_INF:
         # an overflowed AMP step: no element is loaded or stored, and no host sync
-        stop = tl.where(tl.load(found_inf_ptr).to(tl.float32) != 0, start, stop)
+        skip = tl.load(found_inf_ptr).to(tl.float32) != 0
 
     # step scalars: host arguments, or a device tensor so that a CUDA graph can replay them
     lr = _scalar(scalars, 0, lr, SCALARS_FROM_TENSOR)
@@ -282,56 +369,70 @@ def step_kernel(
     if SCALARS_FROM_TENSOR:
         seed = tl.load(scalars + 13).to(tl.int64)
 
-    p_base = _array(ptrs, t, NA, 0, DT_P, ALIGNED)
-    g_base = _array(ptrs, t, NA, 1, DT_G, ALIGNED)
-    # absent arrays alias the param pointer; their flags keep them from being touched
-    w_base = p_base
-    if S_MASTER >= 0:
-        w_base = _array(ptrs, t, NA, S_MASTER, tl.float32, ALIGNED)
-    h_base = g_base
-    if S_H >= 0:
-        h_base = _array(ptrs, t, NA, S_H, DT_G, ALIGNED)
-    m_base = p_base
-    if S_M >= 0:
-        m_base = _array(ptrs, t, NA, S_M, DT_S, ALIGNED)
-    v_base = p_base
-    if S_V >= 0:
-        v_base = _array(ptrs, t, NA, S_V, DT_S, ALIGNED)
-    vmax_base = p_base
-    if S_VMAX >= 0:
-        vmax_base = _array(ptrs, t, NA, S_VMAX, DT_S, ALIGNED)
-    gavg_base = p_base
-    if S_GAVG >= 0:
-        gavg_base = _array(ptrs, t, NA, S_GAVG, DT_S, ALIGNED)
-    u_base = p_base
-    if S_U >= 0:
-        u_base = _array(ptrs, t, NA, S_U, DT_S, ALIGNED)
+    # (names differ between the two branches: Triton merges variables assigned in both)
+    if c < n_chunks:
+        # a chunk of one tensor: full blocks without a mask (a mask would keep accesses
+        # scalar), then a masked tail
+        t = tl.load(chunks + 2 * c)
+        start = tl.multiple_of(tl.load(chunks + 2 * c + 1), CHUNK)
+        stop = tl.minimum(tl.load(sizes + t), start + CHUNK)
+        if HAS_FOUND_INF:
+            stop = tl.where(skip, start, stop)
+        full = (stop - start) // BLOCK * BLOCK
+        for i in tl.range(0, full, BLOCK):
+            _tensor_block(
+                start + i + tl.arange(0, BLOCK), None, t, ptrs, scalars, seed,
+                lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
+                v_decay, v_weight, v_scale, eps,
+                NA, S_H, S_M, S_V, S_VMAX, S_GAVG, S_U, S_MASTER, DT_P, DT_G, DT_S, SR, ALIGNED,
+                DYNAMIC_USE_DENOMINATOR,
+                MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+                HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+            )  # fmt: skip
+        if full < stop - start:
+            offs = start + full + tl.arange(0, BLOCK)
+            _tensor_block(
+                offs, offs < stop, t, ptrs, scalars, seed,
+                lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
+                v_decay, v_weight, v_scale, eps,
+                NA, S_H, S_M, S_V, S_VMAX, S_GAVG, S_U, S_MASTER, DT_P, DT_G, DT_S, SR, ALIGNED,
+                DYNAMIC_USE_DENOMINATOR,
+                MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+                HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+            )  # fmt: skip
+    elif SEARCH > 0:
+        # small tensors packed: element e of their concatenation belongs to the tensor k
+        # with packed_offs[k] <= e < packed_offs[k + 1], found by binary search, so a block
+        # serves many tensors at once instead of one program each
+        e = (c - n_chunks) * BLOCK + tl.arange(0, BLOCK)
+        limit = packed_elems
+        if HAS_FOUND_INF:
+            limit = tl.where(skip, 0, limit)
+        mask = e < limit
+        lo = tl.full([BLOCK], 0, tl.int64)
+        hi = tl.full([BLOCK], 0, tl.int64) + n_packed
+        for _ in range(SEARCH):
+            mid = (lo + hi) // 2
+            right = tl.load(packed_offs + mid) <= e
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+        tp = tl.load(packed_ids + lo)
+        _tensor_block(
+            e - tl.load(packed_offs + lo), mask, tp, ptrs, scalars, seed,
+            lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
+            v_decay, v_weight, v_scale, eps,
+            NA, S_H, S_M, S_V, S_VMAX, S_GAVG, S_U, S_MASTER, DT_P, DT_G, DT_S, SR, False,
+            DYNAMIC_USE_DENOMINATOR,
+            MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
+            HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
+        )  # fmt: skip
 
-    # full blocks without a mask (a mask would keep accesses scalar), then a masked tail
-    full = (stop - start) // BLOCK * BLOCK
-    for i in tl.range(0, full, BLOCK):
-        _block(
-            start + i + tl.arange(0, BLOCK), None, t, scalars, seed,
-            lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
-            v_decay, v_weight, v_scale, eps,
-            p_base, g_base, w_base, h_base, m_base, v_base, vmax_base, gavg_base, u_base,
-            S_MASTER >= 0, S_H >= 0, S_M >= 0, S_V >= 0, S_VMAX >= 0, S_GAVG >= 0, S_U >= 0, SR,
-            DYNAMIC_USE_DENOMINATOR,
-            MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
-            HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
-        )  # fmt: skip
-    if full < stop - start:
-        offs = start + full + tl.arange(0, BLOCK)
-        _block(
-            offs, offs < stop, t, scalars, seed,
-            lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
-            v_decay, v_weight, v_scale, eps,
-            p_base, g_base, w_base, h_base, m_base, v_base, vmax_base, gavg_base, u_base,
-            S_MASTER >= 0, S_H >= 0, S_M >= 0, S_V >= 0, S_VMAX >= 0, S_GAVG >= 0, S_U >= 0, SR,
-            DYNAMIC_USE_DENOMINATOR,
-            MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
-            HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
-        )  # fmt: skip
+
+@triton.jit
+def _add(a, b):
+    # the reduction's combiner; not tl.sum, a jit function of triton.language that Triton's
+    # interpreter cannot call unless triton was imported with TRITON_INTERPRET already set
+    return a + b
 
 
 @triton.jit
@@ -356,7 +457,7 @@ def sumsq_kernel(
     start = tl.multiple_of(tl.load(chunks + 2 * c + 1), CHUNK)
     stop = tl.minimum(tl.load(sizes + t), start + CHUNK)
     base = _array(ptrs, t, 1, 0, DT, ALIGNED)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.full([BLOCK], 0.0, tl.float32)
     full = (stop - start) // BLOCK * BLOCK
     for i in tl.range(0, full, BLOCK):
         x = tl.load(base + start + i + tl.arange(0, BLOCK)).to(tl.float32)
@@ -364,13 +465,13 @@ def sumsq_kernel(
     offs = start + full + tl.arange(0, BLOCK)
     x = tl.load(base + offs, mask=offs < stop, other=0.0).to(tl.float32)
     acc += x * x
-    tl.store(partials + c, tl.sum(acc, axis=0))
+    tl.store(partials + c, tl.reduce(acc, 0, _add))
     # acq_rel: this program's partial is visible to whichever program finishes last
     done = tl.atomic_add(counter, 1, sem="acq_rel")
     if done == n_chunks - 1:
-        total = tl.zeros([FINAL_BLOCK], dtype=tl.float32)
+        total = tl.full([FINAL_BLOCK], 0.0, tl.float32)
         for j in tl.range(0, n_chunks, FINAL_BLOCK):
             idx = j + tl.arange(0, FINAL_BLOCK)
             total += tl.load(partials + idx, mask=idx < n_chunks, other=0.0, cache_modifier=".cg")
-        tl.store(out, tl.sqrt_rn(tl.sum(total, axis=0)))
+        tl.store(out, tl.sqrt_rn(tl.reduce(total, 0, _add)))
         tl.store(counter, 0)  # ready for the next launch (and for CUDA graph replays)

@@ -1,0 +1,627 @@
+"""The Triton backend against the float64 torch backend (and the NumPy reference).
+
+Two devices: "interpreted" runs Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors
+where no GPU is present, which is how CI tests the kernels, on small tensors and a subset
+of the family that takes every switch value; "cuda" runs the compiled kernels on a GPU,
+on the whole family. Each runs where it can: CI has no GPU, the GPU machine runs the CUDA
+cases (bench/results/GPU_TESTS.md records the last pass).
+
+Tolerances: math is fp32 in the kernels and fp64 in the reference; both store to the same
+dtype after every step. fp32 storage: a few ulps of fp32 per step (tol 2e-5). bf16/fp16
+storage: rounding the same real value can land on neighbouring representable values, one
+ulp apart, and such a flip carries into the next step with a factor up to 1 (m = mu m + ...),
+where the value may have shrunk by cancellation: tol = 2 ulps of the storage, relative to
+the element and to the largest element of the tensor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+from fastopt import rule
+from fastopt.backends import torch_backend
+from fastopt.scalars import StepScalars, step_scalars
+from fastopt.spec import (
+    Accumulation,
+    Curvature,
+    Denominator,
+    Eps,
+    Extra,
+    Momentum,
+    MomentumInput,
+    Norm,
+    Schedule,
+    Spec,
+    WeightDecay,
+    family,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a test dependency
+    HAS_TRITON = False
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+ADAM = Spec(
+    momentum=Momentum.CLASSICAL,
+    mu_schedule=Schedule.BIAS_CORRECTION,
+    denominator=Denominator.MEAN,
+    nu_schedule=Schedule.BIAS_CORRECTION,
+)
+HYPER = dict(lr=1e-2, mu=0.9, nu=0.99, eps=1e-6, weight_decay=0.1, momentum_decay=4e-3, dampening=0.1)
+NO_WD = dict(HYPER, weight_decay=0.0)
+
+# A subset of the family that takes every value of every switch of rule.update (checked by
+# test_subset_covers_every_switch), plus decoupled decay and maximize: (id, spec, hyper,
+# first step, grad scale).
+SUBSET = [
+    ("sgd", Spec(), NO_WD, 2, 1.0),
+    (
+        "sgd-nesterov-sum",
+        Spec(momentum=Momentum.NESTEROV, momentum_accumulation=Accumulation.SUM),
+        HYPER,
+        1,
+        1.0,
+    ),
+    ("adam", ADAM, HYPER, 3, 1.0),
+    ("adam-gradscale", ADAM, NO_WD, 3, 0.5),
+    ("adamw-maximize", ADAM.replace(weight_decay=WeightDecay.DECOUPLED, maximize=True), HYPER, 3, 1.0),
+    ("amsgrad", ADAM.replace(amsgrad=True), HYPER, 3, 1.0),
+    ("adamax", ADAM.replace(norm=Norm.LINF, eps=Eps.INSIDE), HYPER, 3, 1.0),
+    (
+        "nadam",
+        ADAM.replace(momentum=Momentum.NESTEROV, mu_schedule=Schedule.NADAM),
+        HYPER,
+        3,
+        1.0,
+    ),
+    ("radam", ADAM.replace(extra=Extra.RADAM), dict(HYPER, nu=0.999), 5, 1.0),  # rectified from t=6
+    ("adadelta", Spec(denominator=Denominator.MEAN, eps=Eps.INSIDE, extra=Extra.ADADELTA), HYPER, 3, 1.0),
+    (
+        "rmsprop-centered-momentum",
+        Spec(
+            momentum=Momentum.CLASSICAL,
+            momentum_input=MomentumInput.PRECONDITIONED,
+            momentum_accumulation=Accumulation.SUM,
+            denominator=Denominator.MEAN,
+            centered=True,
+        ),
+        HYPER,
+        3,
+        1.0,
+    ),
+    ("adagrad", Spec(denominator=Denominator.SUM), dict(HYPER, lr_decay=0.01), 3, 1.0),
+    (
+        "l1-scaled-increasing",
+        Spec(
+            momentum=Momentum.CLASSICAL,
+            momentum_input=MomentumInput.SCALED,
+            mu_schedule=Schedule.INCREASING,
+            denominator=Denominator.MEAN,
+            norm=Norm.L1,
+            nu_schedule=Schedule.TRUE_MEAN,
+        ),
+        HYPER,
+        3,
+        1.0,
+    ),
+    ("esgd-hvp", Spec(denominator=Denominator.MEAN, curvature=Curvature.HVP), HYPER, 3, 1.0),
+]
+SIZES = [0, 1, 3, 130, 257]  # uneven, empty and one-element tensors; several 128-element chunks
+CUDA_SIZES = [0, 1, 5, 1000, 4097, 70001]  # several 16384-element chunks, ragged tails
+
+DEVICES = [
+    pytest.param("interpreted", id="interpreted"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def _interpreter_kernels() -> None:
+    """Make the kernels Triton interpreter functions (the env var must be set by now). The
+    module may have been imported earlier without it; the knob is read at decoration."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fastopt.backends import triton_kernels
+
+    if not isinstance(triton_kernels.step_kernel, InterpretedFunction):
+        importlib.reload(triton_kernels)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch) -> torch.device:
+    """The device of one case; sets up Triton's interpreter for the CPU one."""
+    if request.param == "cuda":
+        if not HAS_CUDA:
+            pytest.skip("needs a CUDA GPU (runs on the GPU machine; see bench/results/GPU_TESTS.md)")
+        return torch.device("cuda")
+    if HAS_CUDA:
+        # the interpreter would take over the compiled kernels of the CUDA cases in this process
+        pytest.skip("interpreted cases run where no GPU is present (CI)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _interpreter_kernels()
+    return torch.device("cpu")
+
+
+@pytest.fixture
+def tb():
+    from fastopt.backends import triton_backend
+
+    triton_backend.clear_cache()
+    return triton_backend
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return 2e-5 if dtype == torch.float32 else 2 * _eps(dtype)
+
+
+def assert_near(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """|ours - ref| <= tol (|ref| + max |ref|): see the module docstring."""
+    ours = ours.double().cpu()
+    tol = _tol(dtype)
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol * scale + 1e-30, msg=lambda m: f"{what}: {m}")
+
+
+class Case:
+    """Params, grads and state of one spec, warmed up to step t0 - 1 by the fp64 torch
+    backend (so the state is what a real run has at t0), stored in the test dtypes; and the
+    same values in fp64 for the reference."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        hyper: dict,
+        sizes: list[int],
+        device: torch.device,
+        t0: int,
+        p_dtype: torch.dtype = torch.float32,
+        s_dtype: torch.dtype | None = None,
+        master: bool = False,
+        seed: int = 0,
+    ):
+        self.spec, self.hyper, self.sizes, self.device = spec, hyper, sizes, device
+        self.p_dtype, self.s_dtype = p_dtype, s_dtype or p_dtype
+        self.master = master
+        self.gen = torch.Generator().manual_seed(seed)
+        roles = spec.state_roles
+        p = [torch.randn(n, generator=self.gen, dtype=torch.float64) for n in sizes]
+        state = {r: [torch.zeros(n, dtype=torch.float64) for n in sizes] for r in roles}
+        for t in range(1, t0):
+            g, h = self.draw()
+            torch_backend.step(spec, step_scalars(spec, hyper, t), p, g, h, state)
+        w_dtype = torch.float32 if master else p_dtype
+        # the reference starts from exactly the stored values
+        self.ref_p = [x.to(w_dtype).double() for x in p]
+        self.ref_state = {r: [x.to(self.s_dtype).double() for x in v] for r, v in state.items()}
+        self.params = [x.to(p_dtype).to(device) for x in p]
+        self.state = {r: [x.to(self.s_dtype).to(device) for x in v] for r, v in state.items()}
+        if master:
+            self.state["master"] = [x.float().to(device) for x in p]
+
+    def draw(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        g = [torch.randn(n, generator=self.gen, dtype=torch.float64) for n in self.sizes]
+        h = None
+        if self.spec.curvature == Curvature.HVP:
+            h = [torch.randn(n, generator=self.gen, dtype=torch.float64) for n in self.sizes]
+        return g, h
+
+    def step(self, tb, scalars: StepScalars, **kwargs) -> None:
+        """One step of the Triton backend and of the fp64 reference on the same inputs."""
+        g, h = self.draw()
+        g = [x.to(self.p_dtype) for x in g]
+        h = None if h is None else [x.to(self.p_dtype) for x in h]
+        tb.step(
+            self.spec,
+            scalars,
+            self.params,
+            [x.to(self.device) for x in g],
+            None if h is None else [x.to(self.device) for x in h],
+            self.state,
+            **kwargs,
+        )
+        ref_scalars = scalars
+        if "grad_scale_ptr" in kwargs:
+            ref_scalars = scalars._replace(grad_scale=scalars.grad_scale * float(kwargs["grad_scale_ptr"]))
+        torch_backend.step(
+            self.spec,
+            ref_scalars,
+            self.ref_p,
+            [x.double() for x in g],
+            None if h is None else [x.double() for x in h],
+            self.ref_state,
+        )
+        # the reference stores what the kernel stores: the rounding is part of the algorithm
+        w_dtype = torch.float32 if self.master else self.p_dtype
+        self.ref_p = [x.to(w_dtype).double() for x in self.ref_p]
+        self.ref_state = {r: [x.to(self.s_dtype).double() for x in v] for r, v in self.ref_state.items()}
+
+    def check(self, what: str = "") -> None:
+        w_dtype = torch.float32 if self.master else self.p_dtype
+        ours = self.state["master"] if self.master else self.params
+        for i, (a, b) in enumerate(zip(ours, self.ref_p, strict=True)):
+            assert_near(a, b, w_dtype, f"{what} p[{i}]")
+        if self.master:  # the param is its master rounded once
+            for p, w in zip(self.params, self.state["master"], strict=True):
+                assert torch.equal(p, w.to(self.p_dtype))
+        for role, ref in self.ref_state.items():
+            for i, (a, b) in enumerate(zip(self.state[role], ref, strict=True)):
+                assert_near(a, b, self.s_dtype, f"{what} {role}[{i}]")
+
+
+def run_case(tb, spec, hyper, sizes, device, t0, grad_scale=1.0, steps=2, **case_kwargs) -> Case:
+    case = Case(spec, hyper, sizes, device, t0, **case_kwargs)
+    for t in range(t0, t0 + steps):
+        scalars = step_scalars(spec, hyper, t)._replace(grad_scale=grad_scale)
+        case.step(tb, scalars, stochastic_rounding=False)
+        case.check(f"{spec.short()} t={t}")
+    return case
+
+
+# ---- the rule is compiled from fastopt/rule.py's own source --------------------------------
+
+
+def test_rule_is_compiled_from_its_source():
+    from fastopt.backends import triton_kernels as K
+
+    fn = K.update.fn
+    assert fn.__code__ is rule.update.__code__  # the very same code object, not a copy
+    assert K.update.src.lstrip().startswith("def update(")
+    for helper in ("sqrt", "maximum", "absolute"):
+        bound = fn.__globals__[helper]
+        assert bound is not getattr(rule, helper) and hasattr(bound, "fn")  # a Triton function
+
+
+def test_kernel_takes_every_switch_of_the_rule():
+    import inspect
+
+    from fastopt.backends import triton_kernels as K
+
+    rule_switches = [n for n in inspect.signature(rule.update).parameters if n.isupper()]
+    assert list(K.SWITCHES) == rule_switches
+    kernel_params = list(inspect.signature(K.step_kernel.fn).parameters)
+    assert set(rule_switches) <= set(kernel_params)
+    assert set(rule.switches(ADAM, step_scalars(ADAM, HYPER, 1))) == set(rule_switches)
+    assert K.SCALAR_FIELDS[:-1] == StepScalars._fields
+
+
+def test_subset_covers_every_switch():
+    seen: dict[str, set[int]] = {}
+    for _, spec, hyper, t0, gs in SUBSET:
+        for t in (t0, t0 + 1):
+            for name, value in rule.switches(
+                spec, step_scalars(spec, hyper, t)._replace(grad_scale=gs)
+            ).items():
+                seen.setdefault(name, set()).add(value)
+    expected = {
+        "MOMENTUM": {0, 1, 2},
+        "MOMENTUM_INPUT": {0, 1, 2},
+        "DENOMINATOR": {0, 1, 2},
+        "NORM": {1, 2, 3},
+    }
+    for name, values in seen.items():
+        assert values == expected.get(name, {0, 1}), name
+
+
+# ---- parity with the fp64 torch backend -----------------------------------------------------
+
+
+@pytest.mark.parametrize("case", SUBSET, ids=[c[0] for c in SUBSET])
+def test_subset_matches_torch_backend(tb, device, case):
+    _, spec, hyper, t0, grad_scale = case
+    sizes = SIZES if device.type == "cpu" else CUDA_SIZES
+    run_case(tb, spec, hyper, sizes, device, t0, grad_scale=grad_scale)
+
+
+STORAGE = [
+    # (param dtype, state dtype, master weights)
+    (torch.bfloat16, torch.bfloat16, False),
+    (torch.float16, torch.float32, False),
+    (torch.float32, torch.bfloat16, False),
+    (torch.bfloat16, torch.float32, True),
+    (torch.float16, torch.bfloat16, True),
+]
+STORAGE_SPECS = [SUBSET[4], SUBSET[9]]  # AdamW + maximize; Adadelta (its u role)
+
+
+@pytest.mark.parametrize(
+    "storage", STORAGE, ids=lambda s: f"p{str(s[0])[6:]}-s{str(s[1])[6:]}{'-master' * s[2]}"
+)
+@pytest.mark.parametrize("case", STORAGE_SPECS, ids=[c[0] for c in STORAGE_SPECS])
+def test_storage_dtypes_match_torch_backend(tb, device, case, storage):
+    _, spec, hyper, t0, _ = case
+    p_dtype, s_dtype, master = storage
+    sizes = SIZES if device.type == "cpu" else CUDA_SIZES
+    run_case(tb, spec, hyper, sizes, device, t0, p_dtype=p_dtype, s_dtype=s_dtype, master=master)
+
+
+def test_public_optimizer_matches_reference(device):
+    """fastopt.FusedOptimizer(backend="triton") against the NumPy reference, end to end."""
+    from helpers import max_rel_err, run_backend_vs_reference
+
+    if device.type == "cuda":
+        pytest.skip("covered on CUDA by the full-family test")
+    for spec in (ADAM, SUBSET[9][1], SUBSET[8][1]):
+        ours, ref = run_backend_vs_reference(
+            spec,
+            dict(HYPER, nu=0.999),
+            [(3,), (2, 5), (0,), (1,)],
+            steps=3,
+            backend="triton",
+            dtype=torch.float32,
+        )
+        assert max_rel_err(ours, ref) < 1e-5, spec.short()
+
+
+# ---- AMP hooks, capturable scalars ---------------------------------------------------------
+
+
+def test_found_inf_leaves_everything_untouched(tb, device):
+    case = Case(ADAM, HYPER, SIZES, device, t0=3)
+    before = [p.clone() for p in case.params], {r: [x.clone() for x in v] for r, v in case.state.items()}
+    grads = [torch.full((n,), float("inf"), device=device) for n in SIZES]
+    flag = torch.ones(1, device=device)
+    tb.step(ADAM, step_scalars(ADAM, HYPER, 3), case.params, grads, None, case.state, found_inf=flag)
+    assert all(torch.equal(a, b) for a, b in zip(case.params, before[0], strict=True))
+    for r, v in case.state.items():
+        assert all(torch.equal(a, b) for a, b in zip(v, before[1][r], strict=True))
+    # a zero flag steps as usual
+    case.step(tb, step_scalars(ADAM, HYPER, 3), found_inf=torch.zeros(1, device=device))
+    case.check("found_inf=0")
+
+
+def test_grad_scale_tensor_multiplies_the_grads(tb, device):
+    case = Case(ADAM, HYPER, SIZES, device, t0=3)
+    inv = torch.full((1,), 0.25, device=device)
+    for t in (3, 4):
+        case.step(tb, step_scalars(ADAM, HYPER, t), grad_scale_ptr=inv)
+        case.check(f"t={t}")
+
+
+@pytest.mark.parametrize("case", [SUBSET[4], SUBSET[8]], ids=["adamw-maximize", "radam"])
+def test_scalars_tensor_equals_host_scalars(tb, device, case):
+    _, spec, hyper, t0, _ = case
+    a = Case(spec, hyper, SIZES, device, t0)
+    b = Case(spec, hyper, SIZES, device, t0)
+    for t in range(t0, t0 + 2):  # RAdam: unrectified at t0 = 5, rectified at 6
+        scalars = step_scalars(spec, hyper, t)
+        a.step(tb, scalars)
+        b.step(tb, scalars, scalars_tensor=tb.scalars_tensor(scalars, device, seed=t))
+        for x, y in zip(a.params, b.params, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+        b.check(f"t={t}")
+
+
+# ---- multi-tensor layout -------------------------------------------------------------------
+
+
+def test_table_is_cached_and_coalesces_flat_buffers(tb):
+    flat = [torch.randn(1000) for _ in range(2)]
+    views = [[f[0:10], f[10:10], f[10:11], f[11:500], f[500:]] for f in flat]  # back to back
+    table = tb.pointer_table(views, ["param", "grad"], 128, "cpu")
+    assert table.sizes.tolist() == [1000]  # one entry, as if the params were one flat tensor
+    assert table.n_chunks == table.n_programs == 8
+    assert tb.pointer_table(views, ["param", "grad"], 128, "cpu") is table  # same tensors: cached
+    apart = [[torch.randn(n) for n in (5, 0, 300, 7, 64)] for _ in range(2)]
+    table2 = tb.pointer_table(apart, ["param", "grad"], 128, "cpu", pack_below=64)
+    assert table2.sizes.tolist() == [5, 300, 7, 64]  # empty tensors take no chunk
+    assert table2.chunks.view(-1, 2).tolist() == [[1, 0], [1, 128], [1, 256], [3, 0]]
+    # tensors under 64 elements share packed programs of 64 elements
+    assert table2.packed_ids.tolist() == [0, 2] and table2.packed_offs.tolist() == [0, 5, 12]
+    assert table2.n_programs == 4 + 1
+
+
+def test_int64_offsets(tb, device):
+    """Elements past 2**31 of a tensor: a hand-built table whose only chunks lie beyond 2**31
+    of a base address placed so that they land in a small real buffer (int32 offsets would
+    wrap and miss it). SGD: p -= lr * g."""
+    cfg = tb.launch_config()
+    n, guard = 3 * cfg["chunk"] // 2, 64
+    off = 2**31 + cfg["chunk"]  # a chunk boundary past 2**31
+    p_buf = torch.randn(n + 2 * guard, device=device)
+    g = torch.randn(n, device=device)
+    p = p_buf[guard : guard + n]
+    before = p_buf.clone()
+    base_p = p.data_ptr() - off * 4
+    base_g = g.data_ptr() - off * 4
+    starts = list(range(off, off + n, cfg["chunk"]))
+    host = [base_p, base_g, off + n] + [x for s in starts for x in (0, s)]
+    buf = torch.tensor(host, dtype=torch.int64, device=device)
+
+    class Table:
+        pass
+
+    table = Table()
+    table.buf, table.ptrs, table.sizes, table.chunks = buf, buf[:2], buf[2:3], buf[3:]
+    table.packed_ids = table.packed_offs = buf
+    table.n_chunks = table.n_programs = len(starts)
+    table.n_packed = table.packed_elems = table.search = 0
+    table.aligned = base_p % 16 == 0 and base_g % 16 == 0
+    spec = Spec()
+    scalars = step_scalars(spec, NO_WD, 1)
+    tb._launch(
+        table, spec, scalars, 2, {}, (torch.float32,) * 3, False, cfg, None, None, None
+    )  # fmt: skip
+    expected = before.clone()
+    expected[guard : guard + n] = (
+        before[guard : guard + n] - torch.tensor(scalars.lr, dtype=torch.float32) * g
+    )
+    torch.testing.assert_close(p_buf, expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(p_buf[:guard], before[:guard]) and torch.equal(p_buf[-guard:], before[-guard:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (8.6 GB of memory)")
+def test_tensor_over_2_31_elements_cuda(tb):
+    n = 2**31 + 3000
+    p = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    g = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    g[-1000:] = 2.0
+    spec = Spec()
+    tb.step(spec, step_scalars(spec, dict(lr=0.5), 1), [p], [g], None, {})
+    assert p[: 2**20].eq(0.5).all() and p[-3000:-1000].eq(0.5).all() and p[-1000:].eq(0.0).all()
+    del p, g
+    torch.cuda.empty_cache()
+
+
+# ---- bf16 state: stochastic rounding ---------------------------------------------------------
+
+
+def test_stochastic_rounding_is_unbiased(tb, device):
+    """m = g exactly (SUM momentum at t=1); g lies a quarter of the way between two bf16
+    values, so rounding to nearest always goes down while stochastic rounding goes up a
+    quarter of the time and keeps the mean."""
+    spec = Spec(momentum=Momentum.CLASSICAL, momentum_accumulation=Accumulation.SUM)
+    n = 4096
+    x = 1.0 + 0.25 * 2**-7  # bf16 neighbours: 1 and 1 + 2**-7
+    scalars = step_scalars(spec, dict(lr=1e-3, mu=0.5), 1)
+    means = {}
+    for sr in (False, True):
+        p = [torch.randn(n, device=device)]
+        m = [torch.zeros(n, dtype=torch.bfloat16, device=device)]
+        tb.step(
+            spec, scalars, p, [torch.full((n,), x, device=device)], None, {"m": m}, stochastic_rounding=sr
+        )
+        values = set(m[0].float().unique().tolist())
+        assert values <= {1.0, 1.0 + 2**-7}
+        means[sr] = m[0].double().mean().item()
+    assert means[False] == 1.0
+    sigma = 2**-7 * math.sqrt(0.25 * 0.75 / n)
+    assert abs(means[True] - x) < 5 * sigma
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (a few thousand steps)")
+def test_bf16_state_needs_stochastic_rounding_cuda(tb):
+    """Adam (lr 1e-3) on a small least-squares problem, 3000 steps: bf16 state rounded to
+    nearest stalls (v's per-step change 1e-3 is below bf16's resolution), stochastic
+    rounding tracks fp32 state."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    X = torch.randn(512, 64, device="cuda", generator=gen)
+    y = X @ torch.randn(64, device="cuda", generator=gen) + 0.01 * torch.randn(
+        512, device="cuda", generator=gen
+    )
+    hyper = dict(lr=1e-3, mu=0.9, nu=0.999, eps=1e-8)
+
+    def train(s_dtype, sr):
+        w = torch.zeros(64, device="cuda")
+        st = {r: [torch.zeros(64, dtype=s_dtype, device="cuda")] for r in ("m", "v")}
+        batches = torch.Generator(device="cuda").manual_seed(1)
+        for t in range(1, 3001):
+            idx = torch.randint(0, 512, (64,), device="cuda", generator=batches)
+            g = 2 * X[idx].T @ (X[idx] @ w - y[idx]) / 64
+            tb.step(ADAM, step_scalars(ADAM, hyper, t), [w], [g], None, st, stochastic_rounding=sr)
+        return ((X @ w - y) ** 2).mean().item()
+
+    fp32, rne, sr = train(torch.float32, False), train(torch.bfloat16, False), train(torch.bfloat16, True)
+    assert sr < 2 * fp32 + 1e-4
+    assert rne > 10 * sr
+
+
+# ---- global gradient norm --------------------------------------------------------------------
+
+
+def test_global_grad_norm(tb, device):
+    gen = torch.Generator().manual_seed(3)
+    sizes = SIZES if device.type == "cpu" else CUDA_SIZES
+    grads = [torch.randn(n, generator=gen).to(device) for n in sizes]
+    grads += [torch.randn(n, generator=gen).to(torch.bfloat16).to(device) for n in (7, 300)]
+    expected = torch.linalg.vector_norm(torch.cat([g.double().cpu() for g in grads]))
+    for _ in range(2):  # the completion counter resets itself
+        norm = tb.global_grad_norm(grads)
+        assert norm.shape == (1,) and norm.device.type == device.type
+        torch.testing.assert_close(norm.double().cpu()[0], expected, rtol=1e-5, atol=0)
+    assert tb.global_grad_norm([torch.empty(0, device=device)]).item() == 0.0
+    grads[3][5] = float("nan")
+    assert math.isnan(tb.global_grad_norm(grads[:4]).item())
+
+
+# ---- the whole family on the GPU -------------------------------------------------------------
+
+FAMILY = list(family())
+SLICES = 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA GPU (runs on the GPU machine; see bench/results/GPU_TESTS.md)"
+)
+@pytest.mark.parametrize("part", range(SLICES))
+def test_whole_family_cuda(tb, part):
+    """Every spec of the family, two steps from a warm state (t = 5, 6), fp32."""
+    failures = []
+    for spec in FAMILY[part::SLICES]:
+        hyper = dict(HYPER, nu=0.999 if spec.extra == Extra.RADAM else 0.99)
+        try:
+            run_case(tb, spec, hyper, CUDA_SIZES, torch.device("cuda"), t0=5)
+        except AssertionError as exc:
+            failures.append(f"{spec.short()}: {str(exc).splitlines()[0]}")
+    assert not failures, f"{len(failures)} specs differ:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_graph_capture_replays_new_scalars(tb):
+    """A step captured with scalars_tensor, replayed after writing the next step's values
+    into that tensor, equals eager steps (found_inf and grad_scale_ptr captured too)."""
+    spec, hyper = SUBSET[8][1], SUBSET[8][2]  # RAdam: its switch flips between t=5 and 6
+    eager = Case(spec, hyper, CUDA_SIZES, torch.device("cuda"), t0=4)
+    graphed = Case(spec, hyper, CUDA_SIZES, torch.device("cuda"), t0=4)
+    grads = [torch.zeros(n, device="cuda") for n in CUDA_SIZES]
+    sc = tb.scalars_tensor(step_scalars(spec, hyper, 4), "cuda")
+    inv, flag = torch.ones(1, device="cuda"), torch.zeros(1, device="cuda")
+    kwargs = dict(scalars_tensor=sc, grad_scale_ptr=inv, found_inf=flag)
+    tb.step(spec, step_scalars(spec, hyper, 4), [g.clone() for g in graphed.params], grads, None,
+            {r: [x.clone() for x in v] for r, v in graphed.state.items()}, **kwargs)  # fmt: skip
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tb.step(spec, step_scalars(spec, hyper, 4), graphed.params, grads, None, graphed.state, **kwargs)
+    for t in (4, 5, 6):
+        g, _ = eager.draw()
+        eager_g = [x.float().cuda() for x in g]
+        tb.step(spec, step_scalars(spec, hyper, t), eager.params, eager_g, None, eager.state)
+        for dst, src in zip(grads, eager_g, strict=True):
+            dst.copy_(src)
+        tb.scalars_tensor(step_scalars(spec, hyper, t), "cuda", out=sc)
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(graphed.params, eager.params, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+def test_rejects_what_it_cannot_run(tb, device):
+    assert tb.supports(ADAM, device, torch.float64) is not None
+    p = [torch.randn(4, device=device)]
+    state = {"m": [torch.zeros(4, device=device)], "v": [torch.zeros(4, dtype=torch.bfloat16, device=device)]}
+    with pytest.raises(ValueError, match="one dtype"):
+        tb.step(ADAM, step_scalars(ADAM, HYPER, 1), p, [torch.randn(4, device=device)], None, state)
+    other = "cuda" if device.type == "cpu" else "cpu"
+    if other == "cpu" or HAS_CUDA:
+        assert tb.supports(ADAM, torch.device(other), torch.float32) is not None
+
+
+def test_unavailable_without_gpu_or_interpreter(monkeypatch):
+    from fastopt.backends import triton_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if HAS_CUDA:
+        assert triton_backend.unavailable_reason() is None
+    else:
+        assert "CUDA" in triton_backend.unavailable_reason()
+    assert os.environ.get("TRITON_INTERPRET") is None
