@@ -87,14 +87,14 @@ def supports(spec: Spec, device: torch.device, dtype: torch.dtype) -> str | None
 # BLOCK elements per inner iteration, CHUNK elements per program. Measured on an H100
 # (bench/gpu_throughput.py): every program moves >= 512 KB for fp32 Adam, so launch
 # tails are short, and a 4096-element block of 4 warps keeps 16-byte accesses in flight.
-_GPU_CONFIG = {"block": 2048, "chunk": 16384, "num_warps": 4}
+_GPU_CONFIG = {"block": 2048, "chunk": 16384, "num_warps": 4, "pack": 1}
 # The interpreter runs programs one after another in numpy: small chunks exercise the
 # chunking on small test tensors.
-_INTERPRETER_CONFIG = {"block": 64, "chunk": 128, "num_warps": 1}
+_INTERPRETER_CONFIG = {"block": 64, "chunk": 128, "num_warps": 1, "pack": 1}
 
 
 def launch_config() -> dict[str, int]:
-    """Block, chunk and warps of the next launch (a copy; tests may change the source)."""
+    """Block, chunk, warps and packing of small tensors for the next launch (a copy)."""
     return dict(_INTERPRETER_CONFIG if _interpreted() else _GPU_CONFIG)
 
 
@@ -346,7 +346,8 @@ def step(
             arrays.append(ts)
 
     cfg = launch_config()
-    table = pointer_table(arrays, ["param", "grad", *slots], cfg["chunk"], device, pack_below=cfg["block"])
+    pack_below = cfg["block"] if cfg["pack"] else 0  # tensors below one block share programs
+    table = pointer_table(arrays, ["param", "grad", *slots], cfg["chunk"], device, pack_below=pack_below)
     if table.n_programs == 0:
         return
     _launch(

@@ -1,0 +1,451 @@
+"""GPU optimizer-step throughput: fastopt's Triton and CUDA backends against torch.optim.
+
+Builds on bench/throughput.py (its optimizer cases, providers, byte counts and CSV/PNG
+writers) with what a GPU needs on top:
+
+* timing by CUDA events over several back-to-back steps per sample (a host-bound step shows
+  up as such: the GPU waits between launches), interleaved rounds, median;
+* GPU-sized param sets: one 64M tensor, 1000 x 64k, ResNet-50, GPT-2 small and a
+  1B-parameter GPT-2 (width 1600, 32 layers), plus 10,000 tiny tensors against one tensor of
+  the same size;
+* ``triton-kernel`` / ``cuda-kernel``: the backend's ``step`` called directly with fixed
+  scalars (the kernel and its pointer table, without the optimizer layer's Python);
+* the roofline: a device-to-device copy in the same run, bytes read + written per second;
+  a step's floor is its bytes over that bandwidth;
+* layout experiments (pointer table vs one flat buffer; packing of small tensors) and a
+  launch-configuration sweep (``--tune``).
+
+Usage: ``python -m bench.gpu_throughput [--quick] [--tune] [--out bench/results]``; writes
+``throughput_cuda_<GPU>.csv`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .shapes import gpt2_small_shapes, numel, resnet50_shapes
+from .throughput import (
+    CASE_BY_NAME,
+    Case,
+    build_steps,
+    bytes_per_step,
+    make_params,
+    write_csv,
+    write_png,
+)
+
+PARAM_SETS = {
+    "64M": [(2**26,)],
+    "1000x64k": [(2**16,)] * 1000,
+    "resnet50": resnet50_shapes(),
+    "gpt2-small": gpt2_small_shapes(),
+    "gpt2-1B": gpt2_small_shapes(d=1600, layers=32),
+}
+TINY_SETS = {"10000x100": [(100,)] * 10000, "1x1M": [(10**6,)]}
+OPTIMIZERS = ["adam", "adamw", "rmsprop", "adadelta", "adamax", "nadam", "radam", "nadam_dozat", "adam_linf"]
+BF16 = "adam_bf16_state"
+NO_FUSED = ("rmsprop", "adadelta", "adamax", "nadam", "radam", "nadam_dozat", "adam_linf")
+PRIMARY = "fastopt-triton"
+# torch.compile'd steps are measured where the targets name them (compile takes a while)
+COMPILED = {("adam", "resnet50"), ("adamw", "resnet50"), ("adam", "gpt2-small"), ("adamw", "gpt2-small")}
+# the 1B set holds a state per provider: only a few providers fit next to each other
+BIG_PROVIDERS = ("fastopt-triton", "triton-kernel", "torch-fused", "torch-foreach")
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def time_steps(
+    steps: dict[str, Callable[[], None]], rounds: int, min_ms: float = 2.0
+) -> dict[str, list[float]]:
+    """ms per step of each function: warm up, then interleaved rounds of k back-to-back
+    steps between two CUDA events (k so that a sample lasts about min_ms)."""
+    per_sample = {}
+    for name, fn in steps.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        est = (time.perf_counter() - t0) * 1e3
+        per_sample[name] = max(1, min(200, math.ceil(min_ms / max(est, 1e-3))))
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            k = per_sample[name]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(k):
+                steps[name]()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / k)
+    return times
+
+
+def copy_bandwidth(elements: int = 2**28) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    a = torch.empty(elements, device="cuda")
+    b = torch.ones(elements, device="cuda")
+    ms = statistics.median(time_steps({"copy": lambda: a.copy_(b)}, rounds=10)["copy"])
+    return 8 * elements / (ms * 1e-3)  # a and b are freed on return
+
+
+# ---- providers ----------------------------------------------------------------------------------
+
+
+def kernel_step(case: Case, params: list[torch.Tensor], backend: str) -> Callable[[], None]:
+    """The backend's step called directly: fixed scalars (step 10), state created here."""
+    from fastopt import backends, presets
+    from fastopt.scalars import step_scalars
+
+    be = backends.get(backend)
+    spec = presets.spec(case.preset)
+    hyper = {**presets.PRESETS[case.preset].defaults, **case.kwargs}
+    hyper = {"mu": 0.9, "nu": 0.999, "eps": 1e-8, **hyper}
+    scalars = step_scalars(spec, _generic(hyper), 10)
+    dtype = case.state_dtype or params[0].dtype
+    state = {r: [torch.zeros_like(p, dtype=dtype) + 0.01 for p in params] for r in spec.state_roles}
+    grads = [p.grad for p in params]
+    return lambda: be.step(spec, scalars, params, grads, None, state)
+
+
+def _generic(h: dict[str, Any]) -> dict[str, Any]:
+    """torch.optim's hyperparameter names to fastopt's generic ones (for step_scalars)."""
+    out = dict(h)
+    if "betas" in out:
+        out["mu"], out["nu"] = out.pop("betas")
+    if "momentum" in out and isinstance(out["momentum"], float):
+        out["mu"] = out.pop("momentum")
+    if "alpha" in out:
+        out["nu"] = out.pop("alpha")
+    if "rho" in out:
+        out["nu"] = out.pop("rho")
+    return out
+
+
+def all_steps(case: Case, pset: str, params, hvps) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
+    compiled = (case.name, pset) in COMPILED
+    steps, notes = build_steps(case, params, hvps, torch.device("cuda"), compiled)
+    steps.pop("fastopt-torch", None)  # the portable backend: not a GPU contender
+    for backend in ("triton", "cuda"):
+        if f"fastopt-{backend}" in steps and (pset != "gpt2-1B" or f"{backend}-kernel" in BIG_PROVIDERS):
+            steps[f"{backend}-kernel"] = kernel_step(case, params, backend)
+    if pset == "gpt2-1B":
+        steps = {k: v for k, v in steps.items() if k in BIG_PROVIDERS}
+    return steps, notes
+
+
+# ---- the runs -------------------------------------------------------------------------------------
+
+
+def run_set(case: Case, pset: str, shapes, bandwidth: float, rounds: int, meta: dict) -> list[dict[str, Any]]:
+    params, hvps = make_params(shapes, torch.device("cuda"))
+    steps, notes = all_steps(case, pset, params, hvps)
+    t0 = time.perf_counter()
+    times = {}
+    for name, fn in steps.items():  # warm up one by one: a failure (or compile) stays local
+        try:
+            for _ in range(2):
+                fn()
+            torch.cuda.synchronize()
+        except Exception as exc:  # report it as a row, keep going
+            notes[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    live = {k: v for k, v in steps.items() if k not in notes}
+    times = time_steps(live, rounds)
+    nbytes = bytes_per_step(case, shapes)
+    rows = []
+    for name in [*live, *notes]:
+        ts = times.get(name)
+        med = statistics.median(ts) if ts else None
+        rows.append(
+            dict(
+                benchmark="gpu_throughput",
+                optimizer=case.name,
+                param_set=pset,
+                provider=name,
+                dtype="fp32" + (f"/{str(case.state_dtype)[6:]}-state" if case.state_dtype else ""),
+                ms_median=None if med is None else round(med, 4),
+                ms_p20=None if not ts else round(_quantile(ts, 0.2), 4),
+                ms_p80=None if not ts else round(_quantile(ts, 0.8), 4),
+                gbps=None if med is None else round(nbytes / med / 1e6, 1),
+                roofline_fraction=None if med is None else round(nbytes / bandwidth * 1e3 / med, 3),
+                bytes_per_step=nbytes,
+                tensors=len(shapes),
+                elements=numel(shapes),
+                note=notes.get(name, ""),
+                **meta,
+            )
+        )
+    print(f"  {pset:>10} {case.name:<16} {time.perf_counter() - t0:6.1f} s", flush=True)
+    del steps, live, params, hvps
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def tiny_experiment(rounds: int) -> list[str]:
+    """10,000 tiny tensors against one tensor of the same size (Adam fp32): eager through the
+    optimizer, the kernel call alone, and the kernel captured in a CUDA graph (no host work)."""
+    from fastopt.backends import triton_backend as tb
+
+    lines = []
+    case = CASE_BY_NAME["adam"]
+    results: dict[str, dict[str, float]] = {}
+    for pset, shapes in TINY_SETS.items():
+        params, hvps = make_params(shapes, torch.device("cuda"))
+        steps, _ = build_steps(case, params, hvps, torch.device("cuda"), False)
+        steps = {k: v for k, v in steps.items() if k in ("fastopt-triton", "torch-fused", "torch-foreach")}
+        steps["triton-kernel"] = kernel_step(case, params, "triton")
+        steps["triton-kernel-unpacked"] = _unpacked(kernel_step(case, params, "triton"))
+        steps["triton-graph"] = _graphed(case, params)
+        tb._GPU_CONFIG["pack"] = 0
+        steps["triton-graph-unpacked"] = _graphed(case, params)
+        tb._GPU_CONFIG["pack"] = 1
+        times = time_steps(steps, rounds)
+        results[pset] = {k: statistics.median(v) for k, v in times.items()}
+        del steps, params
+        gc.collect()
+    many, one = results["10000x100"], results["1x1M"]
+    lines.append(f"{'provider':<24}{'10000x100 ms':>14}{'1x1M ms':>10}{'ratio':>8}")
+    for k in many:
+        lines.append(f"{k:<24}{many[k]:>14.4f}{one[k]:>10.4f}{many[k] / one[k]:>8.2f}")
+    return lines
+
+
+def _unpacked(fn: Callable[[], None]) -> Callable[[], None]:
+    """fn with the Triton backend's packing of small tensors switched off."""
+    from fastopt.backends import triton_backend as tb
+
+    def run() -> None:
+        tb._GPU_CONFIG["pack"] = 0
+        try:
+            fn()
+        finally:
+            tb._GPU_CONFIG["pack"] = 1
+
+    return run
+
+
+def _graphed(case: Case, params: list[torch.Tensor]) -> Callable[[], None]:
+    """The Triton step with device scalars, captured in a CUDA graph; replay = one step."""
+    from fastopt import presets
+    from fastopt.backends import triton_backend as tb
+    from fastopt.scalars import step_scalars
+
+    spec = presets.spec(case.preset)
+    scalars = step_scalars(spec, dict(lr=1e-3, mu=0.9, nu=0.999, eps=1e-8), 10)
+    sc = tb.scalars_tensor(scalars, "cuda")
+    state = {r: [torch.zeros_like(p) + 0.01 for p in params] for r in spec.state_roles}
+    grads = [p.grad for p in params]
+    tb.step(spec, scalars, params, grads, None, state, scalars_tensor=sc)  # compile + table
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tb.step(spec, scalars, params, grads, None, state, scalars_tensor=sc)
+    return graph.replay
+
+
+def layout_experiment(rounds: int) -> list[str]:
+    """Pointer table over separate tensors vs the same sizes as views of one flat buffer
+    (which the table coalesces into one entry), Adam fp32 through the kernel call."""
+    from fastopt.backends import triton_backend as tb
+
+    lines = [f"{'param set':<12}{'separate ms':>12}{'flat ms':>10}{'flat, not coalesced ms':>24}"]
+    case = CASE_BY_NAME["adam"]
+    for pset in ("1000x64k", "resnet50"):
+        shapes = PARAM_SETS[pset]
+        sep, _ = make_params(shapes, torch.device("cuda"))
+        sizes = [p.numel() for p in sep]
+        flat_p = torch.cat([p.detach().reshape(-1) for p in sep])
+        flat_g = torch.cat([p.grad.reshape(-1) for p in sep])
+        views = list(flat_p.split(sizes))
+        for v, g in zip(views, flat_g.split(sizes), strict=True):
+            v.grad = g
+        steps = {"separate": kernel_step(case, sep, "triton"), "flat": kernel_step(case, views, "triton")}
+        coalesce = tb._coalesce
+        tb._coalesce = lambda ptrs, sizes, esizes: (ptrs[sizes > 0], sizes[sizes > 0])
+        tb.clear_cache()
+        flat_nc = kernel_step(case, views, "triton")
+        flat_nc()  # builds its (uncoalesced) table now
+        tb._coalesce = coalesce
+        steps["flat-nc"] = flat_nc
+        times = {k: statistics.median(v) for k, v in time_steps(steps, rounds).items()}
+        lines.append(f"{pset:<12}{times['separate']:>12.4f}{times['flat']:>10.4f}{times['flat-nc']:>24.4f}")
+        del sep, views, flat_p, flat_g, steps
+        gc.collect()
+    return lines
+
+
+def tune(rounds: int) -> list[str]:
+    """Block, chunk and warps of the Triton launch: ms of the kernel call per config."""
+    from fastopt.backends import triton_backend as tb
+
+    case = CASE_BY_NAME["adam"]
+    sets = {k: PARAM_SETS[k] for k in ("64M", "1000x64k", "resnet50")}
+    params = {k: make_params(v, torch.device("cuda"))[0] for k, v in sets.items()}
+    saved = dict(tb._GPU_CONFIG)
+    lines = [f"{'block':>6}{'chunk':>7}{'warps':>6}" + "".join(f"{k:>12}" for k in sets)]
+    for block in (1024, 2048, 4096):
+        for chunk in (8192, 16384, 65536):
+            for warps in (4, 8):
+                tb._GPU_CONFIG.update(block=block, chunk=chunk, num_warps=warps)
+                steps = {k: kernel_step(case, p, "triton") for k, p in params.items()}
+                times = {k: statistics.median(v) for k, v in time_steps(steps, rounds).items()}
+                lines.append(f"{block:>6}{chunk:>7}{warps:>6}" + "".join(f"{times[k]:>12.4f}" for k in sets))
+    tb._GPU_CONFIG.clear()
+    tb._GPU_CONFIG.update(saved)
+    return lines
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+def targets(rows: list[dict[str, Any]], tiny_ratio: float | None) -> list[str]:
+    def ms(opt, pset, prov):
+        hit = [r for r in rows if (r["optimizer"], r["param_set"], r["provider"]) == (opt, pset, prov)]
+        return hit[0]["ms_median"] if hit else None
+
+    def frac(opt, pset, prov=PRIMARY):
+        hit = [r for r in rows if (r["optimizer"], r["param_set"], r["provider"]) == (opt, pset, prov)]
+        return hit[0]["roofline_fraction"] if hit else None
+
+    out = []
+
+    def check(label, value, ok):
+        if value is not None:
+            out.append(f"[{'met' if ok(value) else 'NOT met'}] {label}: {value:.2f}")
+
+    for opt in ("adam", "adamw"):
+        for pset in ("64M", "1000x64k", "gpt2-small", "gpt2-1B"):
+            check(f"{opt} roofline fraction on {pset} (>= 0.9)", frac(opt, pset), lambda v: v >= 0.9)
+        for pset in ("resnet50", "gpt2-small"):
+            mine = ms(opt, pset, PRIMARY)
+            for prov, need in (("torch-fused", 1.1), ("torch-compiled", 1.0)):
+                other = ms(opt, pset, prov)
+                check(f"{opt} {pset} vs {prov} (>= {need}x)", other / mine if other and mine else None,
+                      lambda v, n=need: v >= n)  # fmt: skip
+    for opt in NO_FUSED:
+        for pset in PARAM_SETS:
+            mine, other = ms(opt, pset, PRIMARY), ms(opt, pset, "torch-foreach")
+            check(f"{opt} {pset} vs torch-foreach (>= 3x)", other / mine if other and mine else None,
+                  lambda v: v >= 3.0)  # fmt: skip
+    for pset in PARAM_SETS:
+        mine, other = ms(BF16, pset, PRIMARY), ms("adam", pset, "torch-fused")
+        check(f"bf16-state Adam {pset} vs torch-fused fp32 Adam (>= 1.3x)", other / mine if other and mine else None,
+              lambda v: v >= 1.3)  # fmt: skip
+    check("10,000 tiny tensors / one tensor, graphed step (< 2x)", tiny_ratio, lambda v: v < 2.0)
+    return out
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    providers = [
+        "triton-kernel",
+        "cuda-kernel",
+        "torch-forloop",
+        "torch-foreach",
+        "torch-fused",
+        "torch-compiled",
+    ]
+    for pset in dict.fromkeys(r["param_set"] for r in rows):
+        set_rows = [r for r in rows if r["param_set"] == pset]
+        print(f"\n== {pset}: {set_rows[0]['tensors']} tensors, {set_rows[0]['elements'] / 1e6:.1f}M elements; "
+              f"{PRIMARY} ms, GB/s, roofline fraction; speedup of {PRIMARY} over each provider")  # fmt: skip
+        head = f"{'optimizer':<16}{'ms':>8}{'GB/s':>8}{'roof':>6}" + "".join(f"{p:>15}" for p in providers)
+        print(head)
+        for opt in dict.fromkeys(r["optimizer"] for r in set_rows):
+            cells = {r["provider"]: r for r in set_rows if r["optimizer"] == opt}
+            main = cells.get(PRIMARY, {})
+            t = main.get("ms_median")
+            line = f"{opt:<16}{_f(t, '.3f'):>8}{_f(main.get('gbps'), '.0f'):>8}{_f(main.get('roofline_fraction')):>6}"
+            for p in providers:
+                o = cells.get(p, {}).get("ms_median")
+                line += f"{(f'{o / t:.2f}x' if o and t else '-'):>15}"
+            print(line)
+
+
+def _f(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def gpu_tag() -> str:
+    name = torch.cuda.get_device_name()
+    found = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", name)
+    return found.group(1) if found else re.sub(r"[^A-Za-z0-9]+", "_", name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_throughput", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="Adam only, fewer rounds")
+    parser.add_argument("--tune", action="store_true", help="sweep the Triton launch configuration first")
+    parser.add_argument("--sets", default=",".join(PARAM_SETS))
+    parser.add_argument("--optimizers", default=",".join([*OPTIMIZERS, BF16]))
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--out", default=os.path.join("bench", "results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rounds = args.rounds or (5 if args.quick else 11)
+    optimizers = ["adam", BF16] if args.quick else args.optimizers.split(",")
+    meta = dict(
+        device_name=torch.cuda.get_device_name(),
+        torch_version=torch.__version__,
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    bandwidth = copy_bandwidth()
+    print(
+        f"{meta['device_name']}, torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (r+w)"
+    )
+    if args.tune:
+        print("\nlaunch configuration (triton-kernel, Adam fp32, ms):")
+        print("\n".join(tune(max(3, rounds // 2))))
+    rows: list[dict[str, Any]] = []
+    for pset in args.sets.split(","):
+        for name in optimizers:
+            rows += run_set(CASE_BY_NAME[name], pset, PARAM_SETS[pset], bandwidth, rounds, meta)
+    print_table(rows)
+    print("\npointer table vs flat buffer (triton-kernel, Adam fp32, ms):")
+    print("\n".join(layout_experiment(rounds)))
+    print("\nmany tiny tensors (Adam fp32, ms):")
+    tiny = tiny_experiment(rounds)
+    print("\n".join(tiny))
+    ratio = next((float(x.split()[-1]) for x in tiny if x.startswith("triton-graph ")), None)
+    print("\nTargets:")
+    for line in targets(rows, ratio):
+        print("  " + line)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"throughput_cuda_{gpu_tag()}")
+    write_csv(rows, stem + ".csv")
+    write_png(
+        rows, stem + ".png", f"optimizer step throughput, {meta['device_name']}, torch {torch.__version__}"
+    )
+    print(f"\nwrote {stem}.csv and {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
