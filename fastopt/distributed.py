@@ -3,8 +3,9 @@
 Every rule of the family is elementwise, so stepping a DTensor parameter is stepping its
 local shard with the shards of its gradient and state, provided all of them are laid out
 alike (same device mesh, same placements). :func:`local_tensors` checks that and unwraps
-the DTensors, so that backends, which work on raw storage, only ever see plain tensors;
-no collective and no host sync is involved.
+the DTensors, so that backends, which work on raw storage, only ever see plain tensors.
+Under FSDP2 (gradients sharded like their params) that involves no collective, no copy
+and no host sync.
 
 The one global quantity, the gradient norm of ``max_grad_norm`` clipping, is computed by
 :func:`grad_norm` from local squared norms summed over the mesh dimensions a gradient is
@@ -73,34 +74,53 @@ def local_tensors(
     dtensor = _dtensor_cls()
     if dtensor is None:  # no DTensor can exist: nothing to unwrap
         return params, grads, hvps, state
-    roles = list(state)
-    others = [grads, *(state[r] for r in roles)] + ([hvps] if hvps is not None else [])
-    if not any(isinstance(t, dtensor) for ts in (params, *others) for t in ts):
-        return params, grads, hvps, state
-
-    def follow(p: torch.Tensor, t: torch.Tensor, what: str, movable: bool) -> torch.Tensor:
-        if not isinstance(p, dtensor):
-            if isinstance(t, dtensor):
-                raise TypeError(f"{what} of a plain parameter is {_describe(t)}")
-            return t
-        if not isinstance(t, dtensor):
-            raise TypeError(f"{what} of a DTensor parameter is a plain tensor")
-        if not _same_layout(p, t):
-            if not movable:
-                raise TypeError(f"{what} is {_describe(t)} but its parameter is {_describe(p)}")
-            t = t.redistribute(p.device_mesh, p.placements)
-        return t._local_tensor
-
-    local_grads = [follow(p, g, "the gradient", True) for p, g in zip(params, grads)]
-    local_hvps = None
-    if hvps is not None:
-        local_hvps = [follow(p, h, "the Hessian-vector product", True) for p, h in zip(params, hvps)]
-    local_state = {
-        role: [follow(p, s, f"optimizer state {role!r}", False) for p, s in zip(params, state[role])]
-        for role in roles
-    }
     local_params = [p._local_tensor if isinstance(p, dtensor) else p for p in params]
+    local_grads = _follow(params, grads, dtensor, "the gradient", True)
+    local_hvps = None if hvps is None else _follow(params, hvps, dtensor, "the Hessian-vector product", True)
+    local_state = {
+        role: _follow(params, ts, dtensor, f"optimizer state {role!r}", False) for role, ts in state.items()
+    }
     return local_params, local_grads, local_hvps, local_state
+
+
+def _follow(
+    params: list[torch.Tensor], ts: list[torch.Tensor], dtensor: type, what: str, movable: bool
+) -> list[torch.Tensor]:
+    """The local shards of ``ts``, each checked against its param's layout.
+
+    This runs for every tensor of every step, so the common cases (both plain; both
+    DTensors with one spec, or one mesh object and equal placements) only read attributes;
+    ``_spec`` and ``_local_tensor`` are the attributes FSDP2 itself reads.
+    """
+    out = []
+    for p, t in zip(params, ts):
+        if isinstance(t, dtensor):
+            if isinstance(p, dtensor):
+                spec_t, spec_p = t._spec, p._spec
+                if spec_t is spec_p or (
+                    spec_t.mesh is spec_p.mesh and spec_t.placements == spec_p.placements
+                ):
+                    out.append(t._local_tensor)
+                    continue
+        elif not isinstance(p, dtensor):  # plain param, plain tensor (DDP, ZeRO)
+            out.append(t)
+            continue
+        out.append(_follow_slow(p, t, dtensor, what, movable))
+    return out
+
+
+def _follow_slow(p: torch.Tensor, t: torch.Tensor, dtensor: type, what: str, movable: bool) -> torch.Tensor:
+    if not isinstance(p, dtensor):
+        if isinstance(t, dtensor):
+            raise TypeError(f"{what} of a plain parameter is {_describe(t)}")
+        return t
+    if not isinstance(t, dtensor):
+        raise TypeError(f"{what} of a DTensor parameter is a plain tensor")
+    if not _same_layout(p, t):
+        if not movable:
+            raise TypeError(f"{what} is {_describe(t)} but its parameter is {_describe(p)}")
+        t = t.redistribute(p.device_mesh, p.placements)
+    return t._local_tensor
 
 
 def adopt_state(p: torch.Tensor, state: dict[str, Any]) -> None:
