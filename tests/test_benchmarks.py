@@ -1,0 +1,114 @@
+"""pytest-benchmark cases of the throughput benchmark, and checks of the benchmark itself.
+
+Tiny sizes by default so the suite stays fast; ``FASTOPT_BENCH_PARAM_SET=16M`` (or any
+name of ``bench.shapes``) times a real parameter set. Nothing here asserts on speed: a
+shared CI machine cannot promise one. The throughput targets are checked by
+``python -m bench.throughput``, which measures every provider side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+import torch
+
+from bench import throughput
+from bench.shapes import (
+    PARAM_SETS,
+    QUICK_PARAM_SETS,
+    TINY_PARAM_SETS,
+    gpt2_small_shapes,
+    numel,
+    resnet50_shapes,
+)
+from fastopt import backends
+
+SETS = {**PARAM_SETS, **QUICK_PARAM_SETS, **TINY_PARAM_SETS}
+PARAM_SET = os.environ.get("FASTOPT_BENCH_PARAM_SET", "tiny")
+CPU = torch.device("cpu")
+# torch.optim's fused CPU kernels (torch >= 2.4)
+TORCH_FUSED_CPU = ("Adam", "AdamW", "SGD")
+
+
+def _pairs():
+    for case in throughput.CASES:
+        providers = ["fastopt-cpp", "fastopt-torch"]
+        if case.torch_cls is not None:
+            providers.append("torch-foreach")
+            if case.torch_cls in TORCH_FUSED_CPU:
+                providers.append("torch-fused")
+        for provider in providers:
+            yield pytest.param(case, provider, id=f"{case.name}-{provider}")
+
+
+@pytest.fixture(scope="module")
+def shared_params():
+    return throughput.make_params(SETS[PARAM_SET], CPU)
+
+
+@pytest.mark.parametrize("case,provider", list(_pairs()))
+def test_step_throughput(benchmark, shared_params, case, provider):
+    if provider == "fastopt-cpp" and backends.unavailable_reason("cpp") is not None:
+        pytest.fail(f"the C++ backend must be built: {backends.unavailable_reason('cpp')}")
+    params, hvps = shared_params
+    steps, notes = throughput.build_steps(case, params, hvps, CPU, compiled=False)
+    assert provider in steps, notes.get(provider)
+    benchmark.group = f"{PARAM_SET}-{case.name}"
+    benchmark.extra_info["bytes_per_step"] = throughput.bytes_per_step(case, SETS[PARAM_SET])
+    benchmark.pedantic(steps[provider], rounds=3, iterations=1, warmup_rounds=1)
+
+
+def test_model_shapes_match_the_architectures():
+    assert (len(resnet50_shapes()), numel(resnet50_shapes())) == (161, 25_557_032)
+    assert (len(gpt2_small_shapes()), numel(gpt2_small_shapes())) == (148, 124_439_808)
+    assert numel(PARAM_SETS["16M"]) == numel(PARAM_SETS["1000x16k"]) + 2**24 - 1000 * 2**14
+
+
+def test_bytes_per_step_counts_each_stream():
+    n = numel(TINY_PARAM_SETS["tiny"])
+    by_name = throughput.CASE_BY_NAME
+    # fp32: param r+w 8, grad 4, each state r+w 8
+    assert throughput.bytes_per_step(by_name["adam"], TINY_PARAM_SETS["tiny"]) == 28 * n
+    assert throughput.bytes_per_step(by_name["sgd_momentum"], TINY_PARAM_SETS["tiny"]) == 20 * n
+    assert throughput.bytes_per_step(by_name["egd"], TINY_PARAM_SETS["tiny"]) == 24 * n  # + H u read
+    assert throughput.bytes_per_step(by_name["adam_bf16_state"], TINY_PARAM_SETS["tiny"]) == 20 * n
+
+
+def test_main_writes_table_csv_and_png(tmp_path, capsys):
+    code = throughput.main(
+        [
+            "--param-sets", "tiny", "--optimizers", "adam,rmsprop,egd,adam_bf16_state",
+            "--repeats", "2", "--warmup", "1", "--compiled", "none", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "speedup of fastopt-cpp" in out and "Targets:" in out
+    with open(tmp_path / "throughput_cpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert set(throughput.CSV_COLUMNS) <= set(rows[0])
+    providers = {(r["optimizer"], r["provider"]) for r in rows}
+    assert ("adam", "fastopt-cpp") in providers and ("adam", "torch-fused") in providers
+    assert ("adam", "roofline") in providers
+    timed = [r for r in rows if r["provider"] == "fastopt-cpp"]
+    assert len(timed) == 4 and all(float(r["ms_median"]) > 0 and float(r["gbps"]) > 0 for r in timed)
+    compiled = [r for r in rows if r["provider"] == "torch-compiled" and r["optimizer"] == "adam"]
+    assert compiled and compiled[0]["note"].startswith("not measured")
+    assert (tmp_path / "throughput_cpu.png").stat().st_size > 1000
+
+
+def test_main_rejects_unknown_names(tmp_path):
+    assert throughput.main(["--optimizers", "nope", "--out", str(tmp_path)]) == 2
+    assert throughput.main(["--param-sets", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_measure_reports_failures_instead_of_numbers():
+    def broken():
+        raise RuntimeError("compile failed here\nwith details")
+
+    results = throughput.measure({"ok": lambda: None, "torch-compiled": broken}, 1, 3, CPU)
+    assert len(results["ok"].times) == 3
+    assert results["torch-compiled"].times == []
+    assert results["torch-compiled"].note == "failed: RuntimeError: compile failed here"
