@@ -164,11 +164,29 @@ def test_the_parity_check_can_fail():
     assert abs(sum(a - b for a, b in zip(worse, ref)) / 3) > 0.02 * noise
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_low_precision_params_with_master_weights_train_like_fp32(param_dtype):
+def test_master_weights_keep_updates_below_the_params_resolution(param_dtype, backend):
+    """Steps of 1e-4 on params of 1.0 are below half a bf16/fp16 ulp: the params alone never
+    move, the fp32 master weights add them up and the params follow, rounded."""
+    with _backend_env(backend):
+        p = torch.ones(8, dtype=param_dtype, requires_grad=True)
+        opt = fastopt.SGD([p], lr=1e-4, master_weights=True, backend=backend)
+        for _ in range(100):
+            p.grad = torch.ones(8, dtype=param_dtype)
+            opt.step()
+    master = opt.state[p]["master_param"]
+    assert master.dtype == torch.float32
+    # 100 fp32 subtractions near 1.0, each rounded by at most 2^-24: under 1e-5 in all
+    torch.testing.assert_close(master, torch.full((8,), 0.99), rtol=0, atol=1e-5)
+    assert torch.equal(p.detach(), master.to(param_dtype))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_params_with_master_weights_train_like_fp32(param_dtype, backend):
     """bf16/fp16 params with fp32 master weights and state follow the fp32 run closely:
     the only difference is the params' rounding for the forward pass."""
-    backend = cpu_backends()[-1]
 
     def run(dtype, **kw):
         torch.manual_seed(0)

@@ -27,6 +27,11 @@ def supports(spec: Spec, device: torch.device, dtype: torch.dtype) -> str | None
     return None
 
 
+# elements per batch: update() makes ~20 temporary lists of the batch's size (fp32 for
+# fp16/bf16 storage), so a step's extra memory is bounded by the batch, not by the model
+_BATCH = 1 << 25
+
+
 def step(
     spec: Spec,
     scalars: StepScalars,
@@ -35,20 +40,50 @@ def step(
     hvps: list[torch.Tensor] | None,
     state: dict[str, list[torch.Tensor]],
 ) -> None:
-    if not params:
-        return
-    low = params[0].dtype in _LOW_PRECISION
+    roles = list(state)
+    batch: list[list] = []
+    size = 0
+    for piece in _pieces(params, grads, hvps, state, roles):
+        batch.append(piece)
+        size += piece[0].numel()
+        if size >= _BATCH:
+            _step_batch(spec, scalars, batch, roles)
+            batch, size = [], 0
+    if batch:
+        _step_batch(spec, scalars, batch, roles)
 
-    def wrap(ts: list[torch.Tensor]) -> TensorList:
-        # fp32 math for fp16/bf16 storage; the result is rounded once when copied back
-        return TensorList([t.float() for t in ts] if low else list(ts))
 
-    p_in = wrap(params)
-    args = [wrap(state[r]) if r in state else None for r in _ROLES]
+def _pieces(params, grads, hvps, state, roles):
+    """Per param [p, g, h, *state]; a tensor bigger than a batch as slices of its flat view
+    (when every tensor of it is contiguous, else whole: slices of strided ones would not
+    line up)."""
+    for i, p in enumerate(params):
+        ts = [p, grads[i], None if hvps is None else hvps[i], *(state[r][i] for r in roles)]
+        n = p.numel()
+        if n <= _BATCH or not all(t is None or t.is_contiguous() for t in ts):
+            yield ts
+            continue
+        flat = [None if t is None else t.view(-1) for t in ts]
+        for a in range(0, n, _BATCH):
+            yield [None if t is None else t[a : a + _BATCH] for t in flat]
+
+
+def _wrap(ts: list[torch.Tensor]) -> TensorList:
+    # fp32 math for fp16/bf16 storage (params or state); rounded once when copied back
+    return TensorList([t.float() if t.dtype in _LOW_PRECISION else t for t in ts])
+
+
+def _step_batch(spec: Spec, scalars: StepScalars, batch: list[list], roles: list[str]) -> None:
+    params, grads, hvps = [x[0] for x in batch], [x[1] for x in batch], [x[2] for x in batch]
+    state = {r: [x[3 + j] for x in batch] for j, r in enumerate(roles)}
+    # fp32 master weights, when kept, are the p the rule steps; the param gets them rounded
+    master = state.get("master")
+    p_in = TensorList(list(master)) if master is not None else _wrap(params)
+    args = [_wrap(state[r]) if r in state else None for r in _ROLES]
     out = update(
         p_in,
-        wrap(grads),
-        wrap(hvps) if hvps is not None else None,
+        _wrap(grads),
+        _wrap(hvps) if hvps[0] is not None else None,
         *args,
         scalars.lr,
         scalars.weight_decay,
@@ -65,6 +100,8 @@ def step(
         **switches(spec, scalars),
     )
     new_p, *new_state = out
+    if master is not None:
+        torch._foreach_copy_(master, new_p.ts)
     torch._foreach_copy_(params, new_p.ts)
     for role, value in zip(_ROLES, new_state):
         if role in state:
