@@ -193,6 +193,15 @@ def test_batches_cover_every_index_once() -> None:
 def test_subset_is_deterministic(tmp_path: Path) -> None:
     write_fake_mnist(tmp_path)
     ds = data._read("mnist", tmp_path)
-    a, b = ds.subset(5, 2, seed=3), ds.subset(5, 2, seed=3)
+    a, b = ds.subset(5, 2, seed=3, balanced=False), ds.subset(5, 2, seed=3, balanced=False)
     assert a.x_train.shape == (5, 1, 28, 28) and a.x_test.shape == (2, 1, 28, 28)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+
+
+def test_balanced_subset_keeps_chance_at_one_in_ten() -> None:
+    y = torch.arange(1000) % 10
+    ds = data.Dataset("toy", y.float().view(-1, 1, 1, 1), y, y.float().view(-1, 1, 1, 1), y, 10)
+    sub = ds.subset(200, 50, seed=0)
+    assert torch.bincount(sub.y_train).tolist() == [20] * 10
+    assert torch.bincount(sub.y_test).tolist() == [5] * 10
+    assert torch.equal(sub.x_train.view(-1).long(), sub.y_train)  # images stay with their labels

@@ -230,7 +230,7 @@ def test_taso_end_to_end_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     tiny = dataclasses.replace(taso.QUICK, epoch_scale=0.01, min_epochs=1, seeds=(0,))
     monkeypatch.setattr(taso, "QUICK", tiny)
     real_prepare = taso.prepare
-    monkeypatch.setattr(taso, "prepare", lambda name, o: real_prepare(name, o).subset(512, 300))
+    monkeypatch.setattr(taso, "prepare", lambda name, o, n=None: real_prepare(name, o, 512).subset(None, 300))
     argv = [
         "taso",
         "--quick",

@@ -82,14 +82,28 @@ class Dataset:
         move = {f: getattr(self, f).to(device) for f in ("x_train", "y_train", "x_test", "y_test")}
         return dataclasses.replace(self, **move)
 
-    def subset(self, train: int | None = None, test: int | None = None, seed: int = 0) -> Dataset:
-        """A class-balanced-in-expectation random subset (the first n of a fixed permutation)."""
+    def subset(
+        self, train: int | None = None, test: int | None = None, seed: int = 0, balanced: bool = True
+    ) -> Dataset:
+        """A random subset of ``train`` / ``test`` items (None: all), fixed by ``seed``.
+
+        ``balanced`` takes n / classes items of every class (the first of each class in a
+        fixed permutation), so that chance accuracy stays exactly 1 / classes; otherwise
+        the first n items of the permutation.
+        """
         gen = torch.Generator().manual_seed(seed)
         out = {}
         for split, n in (("train", train), ("test", test)):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if n is not None and n < len(y):
-                idx = torch.randperm(len(y), generator=gen)[:n].to(y.device)
+                perm = torch.randperm(len(y), generator=gen).to(y.device)
+                if balanced:
+                    per_class = max(1, n // self.classes)
+                    parts = [perm[y[perm] == c][:per_class] for c in range(self.classes)]
+                    perm = torch.cat(parts)[
+                        torch.randperm(per_class * self.classes, generator=gen).to(y.device)
+                    ]
+                idx = perm[:n]
                 x, y = x[idx], y[idx]
             out[f"x_{split}"], out[f"y_{split}"] = x, y
         return dataclasses.replace(self, **out)

@@ -173,7 +173,8 @@ def cells(plan: Plan, impls: list[str]) -> list[dict[str, Any]]:
 
 def load_data(opts: Options, plan: Plan) -> torch.Tensor:
     """MNIST training images in [0, 1] on the device (the autoencoder's input and target)."""
-    ds = data.load("mnist", opts.data_dir, "cpu").subset(plan.train_subset, None, seed=0)
+    # unsupervised: a plain random subset (the first n of a fixed permutation) is enough
+    ds = data.load("mnist", opts.data_dir, "cpu").subset(plan.train_subset, None, seed=0, balanced=False)
     return ds.x_train.to(opts.device)
 
 
@@ -385,6 +386,7 @@ def run(opts: Options) -> Path:
         env,
         time.perf_counter() - start,
         notes(plan),
+        results,
     )
 
 

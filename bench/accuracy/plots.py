@@ -35,9 +35,11 @@ def bubble_maps(
     names = list(panels)
     cols = 2 if len(names) > 3 else 1
     rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(5.2 * cols, 3.0 * rows), squeeze=False, layout="constrained"
+    )
     scatter = None
-    for ax, name in zip(axes.T.flat if cols > 1 else axes.flat, names):
+    for ax, name in zip(axes.flat, names):
         xs, ys, cs, ss, dead = [], [], [], [], []
         for (lr, bs), (mean, std) in panels[name].items():
             if lr not in lrs or bs not in batch_sizes:
@@ -49,7 +51,7 @@ def bubble_maps(
             xs.append(x)
             ys.append(y)
             cs.append(mean)
-            ss.append(40.0 + 60.0 * (std if np.isfinite(std) else 0.0))
+            ss.append(40.0 + 60.0 * min(std if np.isfinite(std) else 0.0, 25.0))  # std capped at 25 points
         scatter = ax.scatter(
             xs, ys, c=cs, s=ss, cmap="viridis", vmin=40, vmax=95, edgecolors="k", linewidths=0.4
         )
@@ -68,7 +70,7 @@ def bubble_maps(
         fig.colorbar(scatter, ax=axes, shrink=0.8, label="mean accuracy (%)")
     fig.suptitle(title + "  (bubble size: std; x: near chance)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -90,7 +92,19 @@ def tsne_grid(
             ax.set_yticks([])
             if (r, c) in embeddings:
                 xy, labels = embeddings[(r, c)]
-                ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=3, vmin=0, vmax=9)
+                if np.ptp(xy) == 0.0:
+                    ax.text(
+                        0.5,
+                        0.5,
+                        "collapsed:\nall features equal",
+                        ha="center",
+                        va="center",
+                        transform=ax.transAxes,
+                        fontsize=8,
+                        color="0.4",
+                    )
+                else:
+                    ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=3, vmin=0, vmax=9)
             if i == 0:
                 ax.set_title(c, fontsize=9)
             if j == 0:

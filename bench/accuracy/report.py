@@ -90,11 +90,20 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+# hyperparameter columns are printed exactly (0.0005, 1e-05), not rounded to the table's digits
+_EXACT_COLUMNS = {"lr", "mu", "nu", "rho", "momentum"}
+
+
 def markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str], digits: int = 2) -> str:
     """A Markdown table of ``rows`` restricted to ``columns``."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c), digits) for c in columns) + " |")
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            exact = c in _EXACT_COLUMNS and isinstance(v, float) and not math.isnan(v)
+            cells.append(f"{v:g}" if exact else _fmt(v, digits))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -151,11 +160,19 @@ def write_report(
     env: dict[str, Any],
     wall_seconds: float,
     notes: Sequence[str],
+    results: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Write ``report.md`` (and ``run.json``) in the experiment's output folder, print it,
-    and return its path. ``sections`` are (heading, Markdown body) pairs."""
+    and return its path. ``sections`` are (heading, Markdown body) pairs; ``results`` (the
+    grid's cells) give the compute time of all cells, cached ones included."""
     out = opts.out_dir
-    env = {**env, "wall_seconds": round(wall_seconds, 1)}
+    cells_seconds = sum(float(r.get("cell_seconds", 0.0)) for r in results)
+    env = {
+        **env,
+        "wall_seconds": round(wall_seconds, 1),
+        "cells": len(results),
+        "cells_seconds": round(cells_seconds, 1),
+    }
     write_json(out / "run.json", env)
     head = [f"# {title}", ""]
     if opts.quick:
@@ -169,7 +186,8 @@ def write_report(
         f"- device: {env['device']} ({env['device_name']}), torch threads {env['torch_threads']}",
         f"- versions: python {env['python']}, torch {env['torch']}, fastopt {env['fastopt']}, "
         f"numpy {env['numpy']}, scikit-learn {env['scikit-learn']}",
-        f"- wall time: {wall_seconds / 60:.1f} min (cells cached from earlier runs count as 0)",
+        f"- wall time of this invocation: {wall_seconds / 60:.1f} min; compute time of its {len(results)} cells "
+        f"(including any cached from an earlier invocation): {cells_seconds / 60:.1f} min",
         "",
     ]
     body = []

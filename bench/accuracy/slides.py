@@ -295,6 +295,7 @@ def run(opts: Options) -> Path:
         env,
         time.perf_counter() - start,
         notes(plan),
+        results,
     )
 
 
