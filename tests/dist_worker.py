@@ -56,8 +56,9 @@ OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
 def make_model(device: str) -> nn.Module:
     """The same initial MLP in every process. Its sizes shard unevenly over 2, 3 and 4 ranks,
     and the last layer's bias (one element) leaves some ranks an empty shard."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1))
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG (pytest's) alone
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1))
     return model.to(device)
 
 
