@@ -7,6 +7,7 @@ kernel write out of bounds). Non-contiguous tensors are stepped through contiguo
 
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -16,6 +17,9 @@ from ..scalars import StepScalars
 from ..spec import Spec
 
 name = "cpp"
+# Non-contiguous tensors are handled here (through contiguous copies), so the optimizer
+# layer need not check every tensor's layout a second time.
+accepts_strided = True
 
 try:
     from .. import _C
@@ -33,6 +37,10 @@ _DTYPE_CODES = {
     torch.bfloat16: 2,
     torch.float16: 3,
 }
+_numel = torch.Tensor.numel
+_is_contiguous = torch.Tensor.is_contiguous
+_data_ptr = torch.Tensor.data_ptr
+_dtype = operator.attrgetter("dtype")
 _switch_cache: dict[tuple, int] = {}
 _support_cache: dict[tuple[Spec, torch.dtype], str | None] = {}
 
@@ -104,9 +112,10 @@ class _Role:
             raise ValueError(
                 f"fastopt cpp backend: {len(tensors)} tensors of role {role!r} for {len(sizes)} params"
             )
-        if [t.numel() for t in tensors] != sizes:
+        # map() over the unbound methods: no interpreter work per tensor
+        if list(map(_numel, tensors)) != sizes:
             raise ValueError(f"fastopt cpp backend: tensors of role {role!r} differ in size from the params")
-        dtypes = {t.dtype for t in tensors}
+        dtypes = set(map(_dtype, tensors))
         dtype = next(iter(dtypes))
         if len(dtypes) != 1 or dtype not in _DTYPE_CODES:
             raise ValueError(f"fastopt cpp backend: role {role!r} needs one supported dtype, got {dtypes}")
@@ -117,7 +126,7 @@ class _Role:
         # (original, contiguous copy): the copies must outlive the call, the kernel only
         # sees their addresses
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if not all([t.is_contiguous() for t in tensors]):
+        if not all(map(_is_contiguous, tensors)):
             stepped = []
             for t in tensors:
                 if not t.is_contiguous():
@@ -126,7 +135,7 @@ class _Role:
                     t = c
                 stepped.append(t)
             tensors = stepped
-        self.ptrs = [t.data_ptr() for t in tensors]
+        self.ptrs = list(map(_data_ptr, tensors))
 
     def write_back(self) -> None:
         if self.written:
@@ -150,7 +159,7 @@ def step(
     missing = [r for r in spec.state_roles if r not in state]
     if missing:
         raise KeyError(f"fastopt cpp backend: state roles {missing} missing for {spec.short()}")
-    sizes = [p.numel() for p in params]
+    sizes = list(map(_numel, params))
     roles = [_Role("params", params, sizes), _Role("grads", grads, sizes, written=False)]
     roles.append(_Role("hvps", hvps, sizes, written=False) if hvps is not None else None)
     roles += [_Role(r, state[r], sizes) if r in state else None for r in _STATE_ROLES]
