@@ -81,20 +81,14 @@ def _free_port() -> int:
 def spawn(world_size: int, job: dict[str, Any], out_dir: str) -> dict[str, dict[str, Any]]:
     """Run ``job`` in ``world_size`` spawned ranks; merge their results per case (worst diff
     over ranks, every error)."""
-    ctx = mp.start_processes(
-        W.main,
-        args=(world_size, _free_port(), job, out_dir),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            raise TimeoutError(f"distributed job did not finish in {JOB_TIMEOUT_S} s: {job}")
+    for attempt in range(3):
+        try:
+            _run_ranks(world_size, job, out_dir)
+            break
+        except mp.ProcessRaisedException as exc:
+            # the free port was taken by another process between choosing and binding it
+            if "EADDRINUSE" not in str(exc) or attempt == 2:
+                raise
     merged: dict[str, dict[str, Any]] = {}
     for rank in range(world_size):
         with open(f"{out_dir}/rank{rank}.json") as f:
@@ -111,6 +105,23 @@ def spawn(world_size: int, job: dict[str, Any], out_dir: str) -> dict[str, dict[
                     else:
                         into[field] = value
     return merged
+
+
+def _run_ranks(world_size: int, job: dict[str, Any], out_dir: str) -> None:
+    ctx = mp.start_processes(
+        W.main,
+        args=(world_size, _free_port(), job, out_dir),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise TimeoutError(f"distributed job did not finish in {JOB_TIMEOUT_S} s: {job}")
 
 
 class Jobs:
