@@ -2,7 +2,7 @@
 
 Both are checked against a chunked reference. Every rule is elementwise, so the reference
 can step the concatenation of all params (or one chunk of a huge one) as a single array.
-The 2^31-element test needs ~9 GB of memory and about a minute per backend on 2 CPU cores:
+The 2^31-element test needs ~9 GB of memory and 4 minutes per backend on 2 busy CPU cores:
 it is marked slow and runs with ``-m slow`` (or FASTOPT_RUN_SLOW=1).
 """
 
@@ -109,7 +109,7 @@ def test_a_tensor_of_more_than_2_31_elements(device, backend, request):
     integers): the stepped tensor must equal the pattern's reference exactly everywhere,
     the elements past index 2^31 included."""
     if not _run_slow(request):
-        pytest.skip("about a minute and ~9 GB: run with -m slow")
+        pytest.skip("minutes and ~9 GB: run with -m slow")
     if device == "cpu" and backend == "triton":
         pytest.skip("the interpreter runs 2^31 elements in Python for hours")
     dev = torch.device(device)
