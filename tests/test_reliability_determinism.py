@@ -141,6 +141,7 @@ def test_stochastic_rounding_stays_within_bf16_rounding():
         exact = _run(device, backend, torch.float32)
     n = len(BIG_SHAPES)
     for x, y, z in zip(a[:n], b[:n], exact[:n]):  # the params
-        # 4 steps of lr 1e-2: each step's size is off by at most ~2^-8 of itself
-        torch.testing.assert_close(x, y, rtol=0, atol=4 * 1e-2 * 2**-7)
-        torch.testing.assert_close(x, z, rtol=0, atol=4 * 1e-2 * 2**-7)
+        # 4 steps of about lr = 1e-2: stochastic rounding is off by up to one bf16 ulp
+        # (2^-7 relative) in m and in v, so a step's size by up to 1.5 * 2^-7 of itself
+        torch.testing.assert_close(x, y, rtol=0, atol=4 * 1e-2 * 2**-6)
+        torch.testing.assert_close(x, z, rtol=0, atol=4 * 1e-2 * 2**-6)
