@@ -6,6 +6,7 @@ still succeeds with a warning and fastopt runs on its torch backend.
 ``csrc/cpu_step.cpp`` is compiled once per instruction set on x86-64 (baseline, AVX2,
 AVX-512, each into its own namespace) and the best one the CPU supports is picked at run
 time, so the wheel stays portable without -march=native. The objects compile in parallel.
+With OpenMP available the step runs on the OpenMP runtime, which torch's CPU ops share.
 """
 
 from __future__ import annotations
@@ -68,6 +69,23 @@ class OptionalBuildExt(build_ext):
             traceback.print_exc()
             _warn(f"building {ext.name} failed ({type(exc).__name__}: {exc})")
 
+    def _openmp_flags(self) -> list[str]:
+        """-fopenmp if the compiler takes it (else the kernels use their own thread pool)."""
+        if not self._gcc_like() or os.environ.get("FASTOPT_NO_OPENMP"):
+            return []
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "omp_probe.cpp")
+            with open(src, "w") as f:
+                f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+            try:
+                objs = self.compiler.compile([src], output_dir=tmp, extra_postargs=["-fopenmp"])
+                self.compiler.link_executable(objs, "omp_probe", output_dir=tmp, extra_postargs=["-fopenmp"])
+            except Exception:
+                return []
+        return ["-fopenmp"]
+
     def _gcc_like(self) -> bool:
         return self.compiler.compiler_type != "msvc"
 
@@ -84,7 +102,8 @@ class OptionalBuildExt(build_ext):
     def _build(self, ext: Extension) -> None:
         import pybind11  # a build dependency (pyproject.toml)
 
-        flags = GCC_FLAGS if self._gcc_like() else MSVC_FLAGS
+        openmp = self._openmp_flags()
+        flags = (GCC_FLAGS if self._gcc_like() else MSVC_FLAGS) + openmp
         includes = [CSRC, pybind11.get_include(), sysconfig.get_paths()["include"]]
         isas = self._isa_builds()
         have = [(f"FASTOPT_HAVE_{name[4:].upper()}", "1") for name, _ in isas]
@@ -121,6 +140,7 @@ class OptionalBuildExt(build_ext):
             libraries=self.get_libraries(ext),
             library_dirs=ext.library_dirs,
             export_symbols=self.get_export_symbols(ext),
+            extra_postargs=openmp,
             build_temp=self.build_temp,
             target_lang="c++",
         )

@@ -99,6 +99,9 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("isa", &cpu::isa, "The instruction-set build in use.");
   mod.def("available_isas", &cpu::available_isas, "Instruction-set builds this CPU can run, best first.");
   mod.def("set_isa", &cpu::set_isa, py::arg("name"), "Use another instruction-set build (for tests).");
+  mod.def("threading", &cpu::threading, "Threading of the step: 'openmp' or 'pool'.");
+  mod.def("set_threading", &cpu::set_threading, py::arg("name"),
+          "Run steps on 'openmp' (if built with it) or on fastopt's own thread 'pool'.");
   mod.def(
       "to_float",
       [](int dtype, uintptr_t src, uintptr_t dst, int64_t n) {

@@ -229,6 +229,9 @@ const IsaImpl* impl() {
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
 #endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace fastopt {
 namespace cpu {
@@ -288,40 +291,57 @@ const IsaImpl* current_isa() {
 
 // ---- thread pool ------------------------------------------------------------------------
 
-// Persistent workers, woken per step. Tasks (chunks) are claimed from an atomic counter;
-// which thread runs a chunk never changes its arithmetic, so results do not depend on it.
+// Persistent workers, woken per step. The tasks (chunks) are split into one contiguous lane
+// per thread, so each thread streams through its own region of memory; a thread that
+// finishes its lane helps with the others (claiming from the same per-lane counters), so a
+// thread preempted on a busy machine does not hold up the step. Which thread runs a chunk
+// never changes its arithmetic, so results do not depend on it.
 class Pool {
  public:
+  static constexpr int MAX_THREADS = 256;
+
   void run(int threads, int64_t tasks, const std::function<void(int64_t)>& fn) {
     std::lock_guard<std::mutex> one_run_at_a_time(run_mu_);
-    const int64_t helpers = std::min<int64_t>(threads - 1, tasks - 1);
-    if (helpers <= 0) {
+    const int64_t lanes = std::min<int64_t>(std::min(threads, MAX_THREADS), tasks);
+    if (lanes <= 1) {
       for (int64_t i = 0; i < tasks; ++i) fn(i);
       return;
     }
+    const int helpers = static_cast<int>(lanes) - 1;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      while (static_cast<int64_t>(workers_.size()) < helpers) {
+      while (static_cast<int>(workers_.size()) < helpers) {
         const int index = static_cast<int>(workers_.size());
         workers_.emplace_back([this, index] { work(index); });
       }
       fn_ = &fn;
-      tasks_ = tasks;
-      next_.store(0, std::memory_order_relaxed);
-      wanted_ = static_cast<int>(helpers);
-      busy_ = static_cast<int>(helpers);
+      lanes_ = static_cast<int>(lanes);
+      for (int64_t l = 0; l < lanes; ++l) {
+        next_[l].value.store(l * tasks / lanes, std::memory_order_relaxed);
+        end_[l] = (l + 1) * tasks / lanes;
+      }
+      wanted_ = helpers;
+      open_ = true;
       ++generation_;
     }
     wake_.notify_all();
-    drain();
+    drain(0);
+    // Every chunk is claimed: close the run, so helpers that have not woken up yet (on a
+    // busy machine they may wait a whole time slice) skip it, and wait only for those
+    // still running a chunk.
     std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return busy_ == 0; });
+    open_ = false;
+    done_.wait(lock, [this] { return active_ == 0; });
     fn_ = nullptr;
   }
 
  private:
-  void drain() {
-    for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) (*fn_)(i);
+  // Own lane first, then the others' remainders.
+  void drain(int lane) {
+    for (int k = 0; k < lanes_; ++k) {
+      const int l = (lane + k) % lanes_;
+      for (int64_t i; (i = next_[l].value.fetch_add(1, std::memory_order_relaxed)) < end_[l];) (*fn_)(i);
+    }
   }
 
   void work(int index) {
@@ -331,24 +351,31 @@ class Pool {
         std::unique_lock<std::mutex> lock(mu_);
         wake_.wait(lock, [&] { return generation_ != seen; });
         seen = generation_;
-        if (index >= wanted_) continue;  // not needed this time
+        if (index >= wanted_ || !open_) continue;  // not needed, or too late
+        ++active_;
       }
-      drain();
+      drain(index + 1);
       std::lock_guard<std::mutex> lock(mu_);
-      if (--busy_ == 0) done_.notify_one();
+      if (--active_ == 0) done_.notify_one();
     }
   }
+
+  struct alignas(64) Counter {  // one cache line each: lanes do not contend
+    std::atomic<int64_t> value{0};
+  };
 
   std::mutex run_mu_;
   std::mutex mu_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
   const std::function<void(int64_t)>* fn_ = nullptr;
-  std::atomic<int64_t> next_{0};
-  int64_t tasks_ = 0;
+  Counter next_[MAX_THREADS];
+  int64_t end_[MAX_THREADS] = {};
+  int lanes_ = 0;
   uint64_t generation_ = 0;
   int wanted_ = 0;
-  int busy_ = 0;
+  int active_ = 0;     // helpers inside the current run
+  bool open_ = false;  // whether helpers may still join the current run
 };
 
 // The pool is never destroyed: its workers block forever and die with the process, and a
@@ -374,6 +401,47 @@ Pool& pool() {
     }
   }
   return *p;
+}
+
+// Whether steps run on OpenMP (when compiled with it) or on Pool.
+std::atomic<bool> g_use_openmp{
+#if defined(_OPENMP)
+    true
+#else
+    false
+#endif
+};
+
+// Runs fn(0 .. tasks-1) on up to `threads` threads. With OpenMP this is the process's one
+// OpenMP runtime, which torch's CPU ops use too (its wheel ships libgomp.so.1, which our
+// libgomp.so.1 dependency resolves to): the step reuses the threads torch's last op left
+// spinning instead of competing with them for the cores. Lanes and stealing as in Pool.
+void parallel_chunks(int threads, int64_t tasks, const std::function<void(int64_t)>& fn) {
+#if defined(_OPENMP)
+  const int64_t lanes = std::min<int64_t>(std::min(threads, Pool::MAX_THREADS), tasks);
+  if (lanes > 1 && g_use_openmp.load(std::memory_order_relaxed)) {
+    struct alignas(64) Lane {
+      std::atomic<int64_t> next;
+      int64_t end;
+    };
+    std::vector<Lane> lane(static_cast<std::size_t>(lanes));
+    for (int64_t l = 0; l < lanes; ++l) {
+      lane[static_cast<std::size_t>(l)].next.store(l * tasks / lanes, std::memory_order_relaxed);
+      lane[static_cast<std::size_t>(l)].end = (l + 1) * tasks / lanes;
+    }
+#pragma omp parallel num_threads(static_cast<int>(lanes))
+    {
+      // a smaller team than asked for (nested parallelism, limits) still finishes every lane
+      const int64_t me = omp_get_thread_num();
+      for (int64_t k = 0; k < lanes; ++k) {
+        Lane& ln = lane[static_cast<std::size_t>((me + k) % lanes)];
+        for (int64_t i; (i = ln.next.fetch_add(1, std::memory_order_relaxed)) < ln.end;) fn(i);
+      }
+    }
+    return;
+  }
+#endif
+  pool().run(threads, tasks, fn);
 }
 
 // ---- one step ---------------------------------------------------------------------------
@@ -531,7 +599,7 @@ const char* step(uint32_t switches, const StepScalars& scalars, const Group& gro
   const int64_t chunks = (total + CHUNK - 1) / CHUNK;
   int threads = num_threads > 0 ? num_threads : static_cast<int>(std::thread::hardware_concurrency());
   const std::function<void(int64_t)> fn = [&pl](int64_t chunk) { run_chunk(pl, chunk); };
-  pool().run(std::max(threads, 1), chunks, fn);
+  parallel_chunks(std::max(threads, 1), chunks, fn);
   return nullptr;
 }
 
@@ -550,6 +618,22 @@ std::vector<std::string> available_isas() {
   std::vector<std::string> names;
   for (const IsaImpl* i : usable_isas()) names.emplace_back(i->name);
   return names;
+}
+
+const char* threading() { return g_use_openmp.load() ? "openmp" : "pool"; }
+
+bool set_threading(const char* name) {
+  if (std::strcmp(name, "pool") == 0) {
+    g_use_openmp.store(false);
+    return true;
+  }
+#if defined(_OPENMP)
+  if (std::strcmp(name, "openmp") == 0) {
+    g_use_openmp.store(true);
+    return true;
+  }
+#endif
+  return false;
 }
 
 bool set_isa(const char* name) {

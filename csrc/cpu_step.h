@@ -44,6 +44,11 @@ const char* isa();
 std::vector<std::string> available_isas();
 bool set_isa(const char* name);
 
+// Threading of the step: "openmp" (the default when built with OpenMP) or "pool" (a
+// thread pool of our own); set_threading returns false for an unknown or unbuilt one.
+const char* threading();
+bool set_threading(const char* name);
+
 // Elements per work chunk; tensors are concatenated, then cut at multiples of this.
 constexpr int64_t CHUNK = 1 << 15;
 

@@ -414,6 +414,24 @@ def test_bit_identical_across_thread_counts(cpp, ext, monkeypatch, spec, dtype, 
         assert_bitwise_equal(tensors, results[1], f"{threads} threads")
 
 
+def test_bit_identical_across_threading_backends(cpp, ext, monkeypatch):
+    """OpenMP (shared with torch) and fastopt's own pool give the same bits."""
+    monkeypatch.setenv("FASTOPT_NUM_THREADS", "2")
+    sizes = [3 * ext.CHUNK + 5, 11]
+    original = ext.threading()
+    try:
+        results = {}
+        for name in ("openmp", "pool"):
+            if ext.set_threading(name):
+                results[name] = _run_once(cpp, ADAM, torch.float32, torch.bfloat16, sizes)
+        assert "pool" in results
+        for name, tensors in results.items():
+            assert_bitwise_equal(tensors, results["pool"], name)
+    finally:
+        ext.set_threading(original)
+    assert not ext.set_threading("no-such-threading")
+
+
 def test_bit_identical_across_instruction_sets(cpp, ext):
     """Every ISA build this CPU runs (scalar tails, vector widths) gives the same bits."""
     sizes = [ext.CHUNK + 37, 5, 1]
