@@ -142,6 +142,44 @@ class _Bucket:
         self.t, self.indices = t, indices
 
 
+class _TrackedState(defaultdict):
+    """``optimizer.state`` that counts its changes, so that a cached plan notices state
+    replaced from outside (``ZeroRedundancyOptimizer.load_state_dict`` assigns
+    ``optim.state[param]`` directly)."""
+
+    def __init__(self, default_factory: Any = dict, *args: Any, **kwargs: Any) -> None:
+        super().__init__(default_factory, *args, **kwargs)
+        self.version = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.version += 1
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+    def pop(self, *args: Any) -> Any:
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.version += 1
+        return super().popitem()
+
+    def setdefault(self, *args: Any) -> Any:
+        self.version += 1
+        return super().setdefault(*args)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.version += 1
+        super().update(*args, **kwargs)
+
+
 class _Plan:
     """What one group's step launches: built once while the set of params with gradients
     stays the same, so a step costs one pass over the gradients, not over everything."""
@@ -158,6 +196,8 @@ class _Plan:
         "backend",
         "grads",
         "hvps",
+        "container",
+        "version",
     )
 
     def __init__(
@@ -171,6 +211,7 @@ class _Plan:
         self.backend: Any = None
         self.grads: list[torch.Tensor] = []
         self.hvps: list[torch.Tensor] | None = None
+        self.version = -1  # optimizer.state's change count when the state lists were taken
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -339,6 +380,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._materialize(group, plan)
         for _, group, plan in ready:
             self._run_group(group, plan, grad_scale)
+        # creating state above changed optimizer.state: that is no reason to rebuild a
+        # plan; a change made between now and the next step is
+        version = self.state.version
+        for plan in self._plans.values():
+            if plan.state is not None:
+                plan.version = version
 
     def _check_scalars(self, index: int, group: dict[str, Any], plan: _Plan) -> None:
         if plan.state is None:  # not yet stepped by this plan: the counts are in the state
@@ -364,8 +411,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return None
+        if type(self.state) is not _TrackedState:  # replaced wholesale (load_state_dict, by hand)
+            self.state = _TrackedState(dict, self.state)
+            self._plans = {}
         plan = self._plans.get(index)
-        if plan is None or plan.spec != spec or not _same_tensors(plan.params, params):
+        stale = plan is not None and plan.state is not None and plan.version != self.state.version
+        if plan is None or stale or plan.spec != spec or not _same_tensors(plan.params, params):
             plan = self._build_plan(spec, params)
             self._plans[index] = plan
         grads = [p.grad for p in params]

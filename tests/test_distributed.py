@@ -245,12 +245,6 @@ def test_dcp_checkpoint_loads_into_torch_optim(jobs: Jobs, name: str):
     _check(res, f"{name} into torch.optim")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FusedOptimizer caches each group's state lists across steps; ZeRO's load_state_dict "
-    "assigns optim.state[param] directly, bypassing FusedOptimizer.load_state_dict, so an inner "
-    "optimizer that has already stepped keeps stepping its old state tensors",
-)
 def test_zero_load_state_dict_into_stepped_optimizer(jobs: Jobs):
     """ZeRO's load_state_dict replaces optim.state[param] directly (not through the inner
     optimizer's load_state_dict); rolling back a ZeRO optimizer that has already stepped
