@@ -20,7 +20,7 @@ from fastopt import backends
 
 # big enough for the C++ backend to split a tensor over threads, and for torch's norm and
 # elementwise kernels to go parallel; the interpreter gets small ones
-BIG_SHAPES = [(1024, 1100), (70001,), (3, 5, 7), (0,), ()]
+BIG_SHAPES = [(512, 1100), (70001,), (3, 5, 7), (0,), ()]
 SMALL_SHAPES = [(40, 11), (301,), (3, 5, 7), (0,), ()]
 
 
