@@ -408,12 +408,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         The plan (validated params, state lists, step counts) is cached while the set of
         params with gradients stays the same; the gradients are checked every step.
         """
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return None
         if type(self.state) is not _TrackedState:  # replaced wholesale (load_state_dict, by hand)
             self.state = _TrackedState(dict, self.state)
             self._plans = {}
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:  # (after the above: _step_groups reads self.state.version)
+            return None
         plan = self._plans.get(index)
         stale = plan is not None and plan.state is not None and plan.version != self.state.version
         if plan is None or stale or plan.spec != spec or not _same_tensors(plan.params, params):

@@ -2,8 +2,9 @@
 
 Each generated case either steps exactly as the NumPy reference does (NaN and Inf in the
 same positions, finite values to the dtype's tolerance) or raises a clear error before
-anything is modified. The number of cases per backend and outcome is printed at the end of
-the module (and written as JSON to $FASTOPT_RELIABILITY_COUNTS when that is set).
+anything is modified. The number of cases per backend and outcome ("stepped"; "refused":
+a broken input; "refused-hyper": mu or nu = 1 under a bias-correction schedule, 0 / 0) is
+printed at the end of the module (and written as JSON to $FASTOPT_RELIABILITY_COUNTS).
 """
 
 from __future__ import annotations
@@ -333,7 +334,7 @@ def _run_case(case: Case) -> str:
             _assert_untouched(opt, [p for p, _, _ in flat], snap)
             with pytest.raises(ArithmeticError):  # the reference cannot step it either
                 Reference(spec, case.hyper, [np.zeros(1)]).step([np.ones(1)])
-            return "refused"
+            return "refused-hyper"
         for i, ((p, _, _), ref, start) in enumerate(zip(flat, refs, before)):
             if p.grad is None:
                 np.testing.assert_array_equal(p.detach().double().cpu().numpy(), start)
