@@ -66,6 +66,8 @@ def implementations(opts: Options) -> list[str]:
     ``--backend auto`` resolves to the fastest available backend for ``--impl fastopt``,
     and to every available backend for ``--impl both``.
     """
+    if opts.impl == "torch":
+        return [TORCH_IMPL]
     if opts.backend == "auto":
         found = available_backends(opts.device)
         fast = [f"fastopt:{found[0]}"] if opts.impl == "fastopt" else [f"fastopt:{b}" for b in found]
@@ -74,11 +76,14 @@ def implementations(opts: Options) -> list[str]:
         if reason is not None:
             raise SystemExit(f"fastopt backend {opts.backend!r} is not available here: {reason}")
         fast = [f"fastopt:{opts.backend}"]
-    if opts.impl == "torch":
-        return [TORCH_IMPL]
     if opts.impl == "fastopt":
         return fast
     return [TORCH_IMPL, *fast]
+
+
+def primary_impl(impls: list[str]) -> str:
+    """The implementation the paper comparison uses: fastopt's fastest backend if it ran."""
+    return next((i for i in impls if i != TORCH_IMPL), TORCH_IMPL)
 
 
 @dataclasses.dataclass(frozen=True)

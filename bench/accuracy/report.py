@@ -86,6 +86,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
+        if abs(value) >= 1e6:  # a blown-up but finite value: keep the column readable
+            return f"{value:.3g}"
         return f"{value:.{digits}f}"
     return str(value)
 

@@ -21,6 +21,7 @@ from .common import (
     Options,
     environment,
     implementations,
+    primary_impl,
     resolved_backend,
     run_grid,
     seed_everything,
@@ -259,7 +260,7 @@ def run(opts: Options) -> Path:
     if opts.quick:
         print(f"[{NAME}] QUICK MODE: the first {plan.epochs} of the slides' 10 epochs.")
     results = run_grid(opts, cells(plan, impls), lambda c: run_cell(ds, opts, c), NAME)
-    primary = impls[-1]
+    primary = primary_impl(impls)
     rows = comparison_rows(results, primary)
     cols = [
         "source",

@@ -25,6 +25,7 @@ from .common import (
     Options,
     environment,
     implementations,
+    primary_impl,
     resolved_backend,
     run_grid,
     seed_everything,
@@ -283,7 +284,7 @@ def run(opts: Options) -> Path:
         print(f"[{NAME}] QUICK MODE: {epochs_of(plan, 100)} epochs instead of 100, seeds {list(plan.seeds)}.")
     datasets = {d: prepare(d, opts, plan.train_subset) for d in dict.fromkeys(s[2] for s in setups)}
     results = run_grid(opts, cells(plan, impls, setups), lambda c: run_cell(datasets, opts, c), NAME)
-    primary = impls[-1]
+    primary = primary_impl(impls)
     rows = comparison_rows(results, primary)
     cols = [
         "source",
