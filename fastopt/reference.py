@@ -111,10 +111,11 @@ class Reference:
         wd = float(hp.get("weight_decay", 0.0))
 
         g = -grad if s.maximize else grad.copy()
-        if s.weight_decay == WeightDecay.L2:
-            g = g + wd * theta
-        else:  # decoupled (Loshchilov & Hutter), with the undecayed lr as torch does
-            theta = theta * (1.0 - lr0 * wd)
+        if wd != 0.0:  # torch applies decay only when it is set (0 * inf would be NaN)
+            if s.weight_decay == WeightDecay.L2:
+                g = g + wd * theta
+            else:  # decoupled (Loshchilov & Hutter), with the undecayed lr as torch does
+                theta = theta * (1.0 - lr0 * wd)
         h = hvp if s.curvature == Curvature.HVP else g
 
         # ---- the adaptive denominator vbar (None: no denominator)

@@ -57,11 +57,25 @@ def nadam_mu(t: int, beta1: float, momentum_decay: float) -> float:
     return beta1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
 
 
+# (beta1, momentum_decay) -> (t, product up to t): steps ask for t, t + 1, ... in turn
+_NADAM_PRODUCTS: dict[tuple[float, float], tuple[int, float]] = {}
+
+
 def nadam_mu_product(t: int, beta1: float, momentum_decay: float) -> float:
-    """prod_{i <= t} mu_i of torch.optim.NAdam (kept as state 'mu_product' there)."""
-    prod = 1.0
-    for i in range(1, t + 1):
+    """prod_{i <= t} mu_i of torch.optim.NAdam (kept as state 'mu_product' there).
+
+    Multiplied up in the same order whatever the cache holds, so the value is the same
+    whether it is computed afresh or continued from step t - 1.
+    """
+    key = (beta1, momentum_decay)
+    start, prod = _NADAM_PRODUCTS.get(key, (0, 1.0))
+    if start > t:
+        start, prod = 0, 1.0
+    for i in range(start + 1, t + 1):
         prod *= nadam_mu(i, beta1, momentum_decay)
+    if len(_NADAM_PRODUCTS) > 64:  # a few hyperparameter sets at a time is the use
+        _NADAM_PRODUCTS.clear()
+    _NADAM_PRODUCTS[key] = (t, prod)
     return prod
 
 

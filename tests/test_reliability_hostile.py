@@ -181,22 +181,6 @@ def assert_same_as_reference(ours: np.ndarray, ref: np.ndarray, scale: np.ndarra
     np.testing.assert_array_less(np.abs(a - b), rtol * scale[fin] + 1e-300, err_msg="values differ")
 
 
-class TorchDecayReference(Reference):
-    """The reference as torch.optim has weight decay: no L2 term at all when it is 0.
-
-    The reference adds wd * theta unconditionally, so an infinite param gets a NaN gradient
-    (0 * Inf) where torch and every backend leave it infinite (a bug of the reference:
-    test_reference_skips_zero_weight_decay_on_infinite_params). With wd = 0 theta enters the
-    step only as theta - delta, so stepping zeros and adding theta back is the same
-    computation, exactly, without the term.
-    """
-
-    def _step_one(self, theta, grad, hvp, st):
-        if float(self.hyper.get("weight_decay", 0.0)) != 0.0:
-            return super()._step_one(theta, grad, hvp, st)
-        return theta + super()._step_one(np.zeros_like(theta), grad, hvp, st)
-
-
 # ---- the fuzzed case ----------------------------------------------------------------------
 
 
@@ -308,9 +292,7 @@ def _run_case(case: Case) -> str:
     opt = make()
     spec = presets.spec(case.preset)
     flat = [p for g in case.groups for p in g]
-    refs = [
-        TorchDecayReference(spec, case.hyper, [p.detach().double().cpu().numpy().copy()]) for p, _, _ in flat
-    ]
+    refs = [Reference(spec, case.hyper, [p.detach().double().cpu().numpy().copy()]) for p, _, _ in flat]
     scales = [np.zeros(p.shape) for p, _, _ in flat]
     for step in range(case.steps):
         for gi, g in enumerate(case.groups):
@@ -365,9 +347,6 @@ def test_fuzz_covers_every_available_backend():
     assert fastopt.Adam is presets.Adam
 
 
-@pytest.mark.xfail(
-    strict=True, reason="fastopt/reference.py adds wd * theta even when wd == 0: 0 * Inf = NaN"
-)
 def test_reference_skips_zero_weight_decay_on_infinite_params():
     """torch.optim (and every backend) adds weight_decay * p only when weight_decay != 0, so
     an infinite param with a finite step stays infinite."""
