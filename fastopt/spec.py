@@ -339,6 +339,16 @@ def family(include_orthogonal: bool = False) -> Iterator[Spec]:
     With ``include_orthogonal`` the weight-decay mode and maximize are enumerated too
     (they multiply the family by four); otherwise they stay at L2 / minimize.
     """
+    yield from _family(include_orthogonal)
+
+
+@functools.lru_cache(maxsize=2)
+def _family(include_orthogonal: bool) -> tuple[Spec, ...]:
+    # enumerating ~400k switch combinations takes seconds: once per process is enough
+    return tuple(_enumerate(include_orthogonal))
+
+
+def _enumerate(include_orthogonal: bool) -> Iterator[Spec]:
     axes = {name: list(kind) if kind is not bool else [False, True] for name, kind in _FIELD_TYPES.items()}
     if not include_orthogonal:
         axes["weight_decay"] = [WeightDecay.L2]

@@ -13,9 +13,11 @@ from fastopt.spec import Spec, SpecError, family
 
 
 def test_presets_are_points_of_the_family():
-    members = set(family(include_orthogonal=True))
+    members = set(family())
     for name, preset in presets.PRESETS.items():
-        assert preset.spec in members, name
+        # the family lists each rule once with L2 decay and minimization; the two
+        # orthogonal switches are free
+        assert preset.spec.replace(weight_decay=0, maximize=False) in members, name
 
 
 def test_spec_rejects_invalid_combinations_with_reasons():
