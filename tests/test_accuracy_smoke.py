@@ -255,3 +255,16 @@ def test_taso_end_to_end_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     record = json.loads((out / "run.json").read_text())
     assert record["device"] == "cpu" and "torch" in record and record["wall_seconds"] > 0
     assert (out / "train_loss.png").stat().st_size > 1000
+
+
+def test_models_have_the_documented_sizes() -> None:
+    from bench.accuracy import models
+
+    assert models.count_parameters(models.BecherCNN()) == 206_922
+    assert models.count_parameters(models.DozatAutoencoder()) == 261_777
+    assert models.count_parameters(models.LeNet5()) == 61_706
+    assert models.count_parameters(models.SlidesNet()) == 21_840
+    x = torch.rand(2, 1, 28, 28)
+    assert models.DozatAutoencoder()(x).shape == x.shape and models.BecherCNN().features(x).shape == (2, 128)
+    cifar = torch.rand(2, 3, 32, 32)
+    assert models.VGG19(100)(cifar).shape == (2, 100) and models.ResNet18(10)(cifar).shape == (2, 10)

@@ -421,11 +421,9 @@ def run(opts: Options) -> Path:
         ),
     ]
     if len(impls) > 1:
-        irows, icols = report.implementation_rows(
-            results, ["optimizer", "lr", "batch_size", "schedule"], "svm_acc"
-        )
-        report.write_csv(opts.out_dir / "implementations.csv", irows, icols)
-        sections.append(("fastopt vs torch.optim (mean over seeds)", report.markdown(irows, icols, 2)))
+        fields = ["optimizer", "lr", "batch_size", "schedule"]
+        heading = "fastopt vs torch.optim (SVM accuracy %, mean over seeds)"
+        sections.append(report.implementation_section(opts, results, fields, "svm_acc", heading, 2))
     make_bubbles(results, primary, plan, opts.out_dir)
     make_tsne(ds, results, primary, plan, opts)
     sections.append(("Figures", "![bubble maps](bubbles.png)\n\n![t-SNE](tsne.png)"))

@@ -395,13 +395,9 @@ def run(opts: Options) -> Path:
     sections.append(("Ordering of the cells, ours vs the paper's", ordering(rows)))
     if len(impls) > 1:
         twins = [r for r in results if recipe(r).torch_class is not None]
-        irows, icols = report.implementation_rows(
-            twins, ["table", "momentum", "norm", "mu", "nu", "mu_schedule", "nu_schedule"], "mse_x1000"
-        )
-        report.write_csv(opts.out_dir / "implementations.csv", irows, icols)
-        sections.append(
-            ("fastopt vs torch.optim (cells with a torch.optim twin)", report.markdown(irows, icols, 3))
-        )
+        fields = ["table", "momentum", "norm", "mu", "nu", "mu_schedule", "nu_schedule"]
+        heading = "fastopt vs torch.optim (MSE x1000; cells with a torch.optim twin)"
+        sections.append(report.implementation_section(opts, twins, fields, "mse_x1000", heading))
     figs = curves(results, primary, opts.out_dir)
     sections.append(("Figures", "\n\n".join(f"![{p.stem}]({p.name})" for p in figs)))
     return report.write_report(

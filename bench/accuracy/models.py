@@ -16,7 +16,7 @@ class BecherCNN(nn.Module):
 
     Two 3x3 conv + 2x2 max-pool stages (16 and 32 channels), a 128-unit fully connected
     layer whose ReLU output is the feature space the linear SVM is trained on, and a
-    10-way classifier. 218k parameters.
+    10-way classifier. 206,922 parameters.
     """
 
     def __init__(self, in_channels: int = 1, classes: int = 10, size: int = 28) -> None:

@@ -155,6 +155,54 @@ def implementation_rows(
     return rows, columns
 
 
+def implementation_section(
+    opts: Options,
+    results: Sequence[dict[str, Any]],
+    config_fields: Sequence[str],
+    metric: str,
+    heading: str,
+    digits: int = 3,
+) -> tuple[str, str]:
+    """The fastopt-vs-torch.optim section: writes ``implementations.csv`` and returns
+    (heading, Markdown) with a one-line summary above the table."""
+    rows, columns = implementation_rows(results, config_fields, metric)
+    write_csv(opts.out_dir / "implementations.csv", rows, columns)
+    impls = sorted({r["impl"] for r in results} - {TORCH_IMPL})
+    summary = []
+    diffs = [r["max |diff|"] for r in rows if r["max |diff|"] is not None and math.isfinite(r["max |diff|"])]
+    if diffs:
+        worst = max(diffs)
+        summary.append(
+            f"largest |{metric}| difference to torch.optim over {len(diffs)} configurations: {worst:.4g}"
+        )
+    for impl in impls:
+        pairs = [
+            (
+                r[f"step ms [{impl}]"],
+                r[f"step ms [{TORCH_IMPL}]"],
+                r[f"opt.step ms [{impl}]"],
+                r[f"opt.step ms [{TORCH_IMPL}]"],
+            )
+            for r in rows
+            if r.get(f"step ms [{impl}]") is not None and r.get(f"step ms [{TORCH_IMPL}]") is not None
+        ]
+        if pairs:
+            step = statistics.fmean(a / b for a, b, _, _ in pairs)
+            opt_step = statistics.fmean(c / d for _, _, c, d in pairs)
+            summary.append(
+                f"{impl} / torch.optim time ratio, mean over configurations: whole step {step:.2f}, "
+                f"optimizer.step() {opt_step:.2f}"
+            )
+    note = (
+        "Times are wall-clock means over every step of a run (forward, backward and optimizer; and "
+        "optimizer.step() alone) on the device recorded above; on a shared CPU they vary with the load."
+    )
+    body = (
+        "\n".join(f"- {line}" for line in summary) + "\n\n" + markdown(rows, columns, digits) + "\n\n" + note
+    )
+    return heading, body
+
+
 def write_report(
     opts: Options,
     title: str,

@@ -307,9 +307,10 @@ def run(opts: Options) -> Path:
     if skipped:
         sections.append(("Not run here", "\n".join(f"- {s}" for s in skipped)))
     if len(impls) > 1:
-        irows, icols = report.implementation_rows(results, ["table", "optimizer"], "accuracy")
-        report.write_csv(opts.out_dir / "implementations.csv", irows, icols)
-        sections.append(("fastopt vs torch.optim (mean over seeds)", report.markdown(irows, icols, 3)))
+        heading = "fastopt vs torch.optim (test accuracy %, mean over seeds)"
+        sections.append(
+            report.implementation_section(opts, results, ["table", "optimizer"], "accuracy", heading)
+        )
     series = {}
     for r in results:
         if r["impl"] == primary and r["seed"] == plan.seeds[0]:
