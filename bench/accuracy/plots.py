@@ -117,13 +117,25 @@ def tsne_grid(
 
 
 def curves(
-    series: Mapping[str, Sequence[float]], path: Path, title: str, ylabel: str, log: bool = False
+    series: Mapping[str, Sequence[float]],
+    path: Path,
+    title: str,
+    ylabel: str,
+    log: bool = False,
+    reference: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
-    """Line plot of per-epoch values, one line per label."""
+    """Line plot of per-epoch values, one line per label; a ``reference`` series of the
+    same label (the paper's) is drawn dashed in the same colour."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, values in series.items():
-        ax.plot(range(1, len(values) + 1), values, label=label, linewidth=1)
+        (line,) = ax.plot(range(1, len(values) + 1), values, label=label, linewidth=1)
+        ref = (reference or {}).get(label)
+        if ref:
+            ax.plot(range(1, len(ref) + 1), ref, linestyle="--", linewidth=0.8, color=line.get_color())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("epoch")

@@ -289,7 +289,12 @@ def run(opts: Options) -> Path:
         heading = "fastopt vs torch.optim (validation accuracy % after the last epoch)"
         sections.append(report.implementation_section(opts, results, fields, "accuracy", heading))
     series = {f"{config_name(r)}": [h["val_acc"] for h in r["log"]] for r in results if r["impl"] == primary}
-    fig = plots.curves(series, opts.out_dir / "val_accuracy.png", "MNIST validation accuracy", "accuracy (%)")
+    paper = {
+        name: [acc for _, (acc, _) in sorted(next(iter(logs.values())).items())]
+        for name, logs in _paper_logs().items()
+    }
+    title = "MNIST validation accuracy (dashed: the slides' logs)"
+    fig = plots.curves(series, opts.out_dir / "val_accuracy.png", title, "accuracy (%)", reference=paper)
     sections.append(("Figures", f"![validation accuracy]({fig.name})"))
     return report.write_report(
         opts,
