@@ -4,6 +4,7 @@ comparison with a tolerance, the fastopt-vs-torch.optim table, CSV and Markdown 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -217,13 +218,19 @@ def write_report(
     grid's cells) give the compute time of all cells, cached ones included."""
     out = opts.out_dir
     cells_seconds = sum(float(r.get("cell_seconds", 0.0)) for r in results)
+    # every invocation is kept, so a rerun that only rebuilds the tables from cached cells
+    # does not hide how long the run that computed them took
+    record = out / "run.json"
+    previous = json.loads(record.read_text()).get("invocations", []) if record.exists() else []
+    this = {"command": env["command"], "started": env["started"], "wall_seconds": round(wall_seconds, 1)}
     env = {
         **env,
         "wall_seconds": round(wall_seconds, 1),
         "cells": len(results),
         "cells_seconds": round(cells_seconds, 1),
+        "invocations": [*previous, this],
     }
-    write_json(out / "run.json", env)
+    write_json(record, env)
     head = [f"# {title}", ""]
     if opts.quick:
         head += [f"> **Reduced run (`--quick`)**: {notes[0]}", ""]
