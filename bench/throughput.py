@@ -224,7 +224,13 @@ def build_steps(
         except Exception as exc:  # fused=True where torch has no fused kernel
             notes[provider] = f"n/a: {_short_error(exc)}"
             continue
-        steps[provider] = torch.compile(opt.step) if provider == "torch-compiled" else opt.step
+        if provider == "torch-compiled":
+            # every optimizer's step is the same function to dynamo: without a reset the
+            # ninth compile hits its recompile limit and silently runs eagerly
+            torch._dynamo.reset()
+            steps[provider] = torch.compile(opt.step)
+        else:
+            steps[provider] = opt.step
     return steps, notes
 
 
