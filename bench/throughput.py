@@ -480,7 +480,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--param-sets", default=None, help="comma-separated names (default: all of the mode)")
     parser.add_argument("--out", default=os.path.join("bench", "results"))
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 11, quick 5)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiles, creates state)")
     parser.add_argument(
         "--compiled",
         default="auto",
