@@ -64,7 +64,10 @@ class OptionalBuildExt(build_ext):
 
     def build_extension(self, ext: Extension) -> None:
         try:
-            self._build(ext)
+            if ext.name == "fastopt._C":
+                self._build(ext)
+            else:  # fastopt._cuda: nvcc objects (build_cuda.with_cuda) and the standard link
+                super().build_extension(ext)
         except Exception as exc:
             traceback.print_exc()
             _warn(f"building {ext.name} failed ({type(exc).__name__}: {exc})")
@@ -146,7 +149,26 @@ class OptionalBuildExt(build_ext):
         )
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build_cuda import cuda_extensions, with_cuda  # noqa: E402 - needs the path above
+
+
+class BuildExt(with_cuda(OptionalBuildExt)):
+    """Compiles the .cu sources of fastopt._cuda (where nvcc and a CUDA torch are present)
+    before the link; like every extension here, a failure only leaves it out."""
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            traceback.print_exc()
+            _warn(f"building {ext.name} failed ({type(exc).__name__}: {exc})")
+
+
 setup(
-    ext_modules=[Extension("fastopt._C", sources=[BINDINGS, KERNELS], depends=HEADERS, language="c++")],
-    cmdclass={"build_ext": OptionalBuildExt},
+    ext_modules=[
+        Extension("fastopt._C", sources=[BINDINGS, KERNELS], depends=HEADERS, language="c++"),
+        *cuda_extensions(),
+    ],
+    cmdclass={"build_ext": BuildExt},
 )
