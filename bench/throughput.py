@@ -43,6 +43,7 @@ CSV_COLUMNS = [
 ]  # fmt: skip
 TORCH_PROVIDERS = ("torch-forloop", "torch-foreach", "torch-fused", "torch-compiled")
 FASTOPT_BACKENDS = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
+FP32_STATE = "/fp32-state"  # suffix of the fp32-state reference provider of a state-dtype case
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +212,11 @@ def build_steps(
             notes[name] = f"failed: {_short_error(exc)}"
             continue
         steps[name] = (lambda o=opt: o.step_with_hvps(hvps)) if hvp else opt.step
+        if case.state_dtype is not None and backend != "torch":
+            # the same optimizer with fp32 state, in the same rounds: the ratio of the two
+            # is what the narrower state buys
+            ref = _fastopt_optimizer(dataclasses.replace(case, state_dtype=None), params, backend)
+            steps[f"{name}{FP32_STATE}"] = ref.step
     for provider in TORCH_PROVIDERS:
         if case.torch_cls is None:
             why = "bf16 state" if case.state_dtype is not None else "rule"
@@ -290,7 +296,8 @@ def print_table(rows: list[dict[str, Any]], primary: str) -> None:
         first = set_rows[0]
         print(
             f"\n== {param_set}: {first['tensors']} tensors, {first['elements'] / 1e6:.1f}M elements; "
-            f"roofline {_fmt(roof_gbps, '.1f')} GB/s; speedup of {primary} over each provider"
+            f"roofline {_fmt(roof_gbps, '.1f')} GB/s (median of the cases' probes; the "
+            f"'roof' column uses each case's own); speedup of {primary} over each provider"
         )
         header = f"{'optimizer':<16}{'ms':>8}{'GB/s':>7}{'roof':>6}" + "".join(f"{o:>15}" for o in others)
         print(header)
@@ -357,7 +364,7 @@ def check_targets(rows: list[dict[str, Any]], primary: str) -> list[str]:
             foreach = ms(opt, pset, "torch-foreach") or ms(opt, pset, "fastopt-torch")
             value = foreach / mine if mine and foreach else None
             target(f"{opt} vs foreach on {pset} (>= 4x)", value, lambda v: v >= 4.0)
-        bf16, fp32 = ms("adam_bf16_state", pset, primary), ms("adam", pset, primary)
+        bf16, fp32 = ms("adam_bf16_state", pset, primary), ms("adam_bf16_state", pset, primary + FP32_STATE)
         value = bf16 / fp32 if bf16 and fp32 else None
         target(f"Adam bf16 state / fp32 state time on {pset} (<= 0.8)", value, lambda v: v <= 0.8)
     return lines
@@ -438,6 +445,7 @@ def run_case(
     steps["roofline"], roof_bytes = roofline
     results = measure(steps, args.warmup, args.repeats, device)
     nbytes = bytes_per_step(case, shapes)
+    fp32_bytes = bytes_per_step(dataclasses.replace(case, state_dtype=None), shapes)
     roof = results["roofline"].quantile(0.5)
     bandwidth = roof_bytes / roof if roof else None  # bytes per second
     dtype = "fp32" + (f"/{str(case.state_dtype)[6:]}-state" if case.state_dtype else "")
@@ -445,21 +453,23 @@ def run_case(
     for name in [*steps, *notes]:
         res = results.get(name, Result(name, note=notes.get(name, "")))
         med, p20, p80 = res.quantile(0.5), res.quantile(0.2), res.quantile(0.8)
-        moved = roof_bytes if name == "roofline" else nbytes
+        moved = roof_bytes if name == "roofline" else (fp32_bytes if name.endswith(FP32_STATE) else nbytes)
+        if med is None or not bandwidth:
+            fraction = None
+        else:  # the step's ideal time at the probe's bandwidth over its measured time
+            fraction = moved / bandwidth / med
         rows.append(
             dict(
                 benchmark="throughput",
                 optimizer=case.name,
                 param_set=pset,
                 provider=name,
-                dtype=dtype,
+                dtype="fp32" if name.endswith(FP32_STATE) else dtype,
                 ms_median=None if med is None else round(med * 1e3, 4),
                 ms_p20=None if p20 is None else round(p20 * 1e3, 4),
                 ms_p80=None if p80 is None else round(p80 * 1e3, 4),
                 gbps=None if med is None else round(moved / med / 1e9, 3),
-                roofline_fraction=None
-                if med is None or not bandwidth
-                else round(nbytes / bandwidth / med, 3),
+                roofline_fraction=None if fraction is None else round(fraction, 3),
                 bytes_per_step=moved,
                 tensors=len(shapes),
                 elements=numel(shapes),
