@@ -107,13 +107,16 @@ class _Role:
 
     __slots__ = ("ptrs", "code", "copies", "written")
 
-    def __init__(self, role: str, tensors: list[torch.Tensor], sizes: list[int], written: bool = True):
-        if len(tensors) != len(sizes):
+    def __init__(
+        self, role: str, tensors: list[torch.Tensor], sizes: list[int] | None, written: bool = True
+    ) -> None:
+        # sizes is None for the params, whose sizes these are
+        if sizes is not None and len(tensors) != len(sizes):
             raise ValueError(
                 f"fastopt cpp backend: {len(tensors)} tensors of role {role!r} for {len(sizes)} params"
             )
         # map() over the unbound methods: no interpreter work per tensor
-        if list(map(_numel, tensors)) != sizes:
+        if sizes is not None and list(map(_numel, tensors)) != sizes:
             raise ValueError(f"fastopt cpp backend: tensors of role {role!r} differ in size from the params")
         dtypes = set(map(_dtype, tensors))
         dtype = next(iter(dtypes))
@@ -160,7 +163,7 @@ def step(
     if missing:
         raise KeyError(f"fastopt cpp backend: state roles {missing} missing for {spec.short()}")
     sizes = list(map(_numel, params))
-    roles = [_Role("params", params, sizes), _Role("grads", grads, sizes, written=False)]
+    roles = [_Role("params", params, None), _Role("grads", grads, sizes, written=False)]
     roles.append(_Role("hvps", hvps, sizes, written=False) if hvps is not None else None)
     roles += [_Role(r, state[r], sizes) if r in state else None for r in _STATE_ROLES]
     roles.append(_Role("master", state["master"], sizes) if "master" in state else None)
