@@ -1,4 +1,4 @@
-// CPU multi-tensor step: the rule kernels, storage conversions, a thread pool and dispatch.
+// CPU multi-tensor step: the rule kernels, storage conversions, threading and dispatch.
 //
 // This file is compiled once per instruction set (setup.py): every build defines the hot
 // loops (rule kernels, bf16/fp16 conversions) in its own namespace FASTOPT_ISA_NS, and the
@@ -10,7 +10,14 @@
 // Only canonical switch codes are instantiated (see kernel_valid): maximize, the gradient
 // scale and decoupled decay are folded into scalars by exact arithmetic (x * 1 == x,
 // x * -s == -(x * s)), switches a spec cannot reach are skipped; that leaves a few hundred
-// kernels per math type instead of the full cross product.
+// kernels per math type (fp32, fp64, fp32 with bf16 state) instead of the full cross product.
+//
+// Threading: the concatenated elements of a group are cut into CHUNK-sized chunks, split
+// into one contiguous lane per thread; threads steal from other lanes once theirs is done.
+// Steps run on OpenMP when built with it (the runtime torch's CPU ops share), else on a
+// thread pool of our own. bf16 state of fp32 params ("bf16 optimizer state") is converted
+// in registers by its own kernels; other storage than the math type (bf16/fp16 params, an
+// fp32 master with a low-precision param) goes through small fp32 buffers per block.
 #include "cpu_step.h"
 
 #include <cstddef>
@@ -29,8 +36,9 @@
 namespace fastopt {
 namespace cpu {
 
-template <typename T>
-using KernelFn = void (*)(int64_t n, T* p, const T* g, const T* h, T* m, T* v, T* vmax, T* gavg, T* u,
+// A rule kernel: math type T, state stored as S (T, or bf16 bits for fp32 math).
+template <typename T, typename S = T>
+using KernelFn = void (*)(int64_t n, T* p, const T* g, const T* h, S* m, S* v, S* vmax, S* gavg, S* u,
                           const MathScalars<T>* sc);
 
 // What one instruction-set build provides to the dispatcher.
@@ -38,6 +46,7 @@ struct IsaImpl {
   const char* name;
   KernelFn<float> (*find_f32)(uint32_t code);
   KernelFn<double> (*find_f64)(uint32_t code);
+  KernelFn<float, uint16_t> (*find_f32_bf16_state)(uint32_t code);
   int (*kernel_count)();
   void (*to_float)(int dtype, const void* src, float* dst, int64_t n);
   void (*from_float)(int dtype, const float* src, void* dst, int64_t n);
@@ -128,9 +137,26 @@ namespace FASTOPT_ISA_NS {
 // One rule over n elements in place. Pointers of roles the switches do not use are never
 // touched. `__restrict` lets the compiler vectorize without runtime alias checks: the roles
 // are distinct tensors (h may equal g, both read-only).
-template <typename T, uint32_t SW>
-void kernel(int64_t n, T* __restrict p, const T* __restrict g, const T* __restrict h, T* __restrict m,
-            T* __restrict v, T* __restrict vmax, T* __restrict gavg, T* __restrict u,
+// How state is stored: as the math type, or as bf16 (uint16_t) for fp32 math, converted
+// in registers. Params, gradients and H u are always of the math type here.
+template <typename T, typename S>
+struct State {
+  static T load(const S* s, int64_t i) { return s[i]; }
+  static void store(S* s, int64_t i, T x) { s[i] = x; }
+};
+
+template <>
+struct State<float, uint16_t> {
+  static float load(const uint16_t* s, int64_t i) { return bf16_to_float(s[i]); }
+  static void store(uint16_t* s, int64_t i, float x) { s[i] = float_to_bf16(x); }
+};
+
+// One rule over n elements in place. Pointers of roles the switches do not use are never
+// touched. `__restrict` lets the compiler vectorize without runtime alias checks: the roles
+// are distinct tensors (h may equal g, both read-only).
+template <typename T, uint32_t SW, typename S>
+void kernel(int64_t n, T* __restrict p, const T* __restrict g, const T* __restrict h, S* __restrict m,
+            S* __restrict v, S* __restrict vmax, S* __restrict gavg, S* __restrict u,
             const MathScalars<T>* scp) {
   constexpr bool MOM = switch_field(SW, SHIFT_MOMENTUM) != 0;
   constexpr bool DEN = switch_field(SW, SHIFT_DENOMINATOR) != 0;
@@ -138,39 +164,40 @@ void kernel(int64_t n, T* __restrict p, const T* __restrict g, const T* __restri
   constexpr bool CEN = DEN && switch_field(SW, SHIFT_CENTERED) != 0;
   constexpr bool HVP = switch_field(SW, SHIFT_HVP) != 0;
   constexpr bool ADA = switch_field(SW, SHIFT_ADADELTA) != 0;
+  using St = State<T, S>;
   const MathScalars<T> sc = *scp;  // a local copy: provably not aliased by the stores
   for (int64_t i = 0; i < n; ++i) {
     T pi = p[i], hi = T(0), mi = T(0), vi = T(0), vmi = T(0), gai = T(0), ui = T(0);
     if constexpr (HVP) hi = h[i];
-    if constexpr (MOM) mi = m[i];
-    if constexpr (DEN) vi = v[i];
-    if constexpr (AMS) vmi = vmax[i];
-    if constexpr (CEN) gai = gavg[i];
-    if constexpr (ADA) ui = u[i];
+    if constexpr (MOM) mi = St::load(m, i);
+    if constexpr (DEN) vi = St::load(v, i);
+    if constexpr (AMS) vmi = St::load(vmax, i);
+    if constexpr (CEN) gai = St::load(gavg, i);
+    if constexpr (ADA) ui = St::load(u, i);
     update_packed<T, SW>(pi, g[i], hi, mi, vi, vmi, gai, ui, sc);
     p[i] = pi;
-    if constexpr (MOM) m[i] = mi;
-    if constexpr (DEN) v[i] = vi;
-    if constexpr (AMS) vmax[i] = vmi;
-    if constexpr (CEN) gavg[i] = gai;
-    if constexpr (ADA) u[i] = ui;
+    if constexpr (MOM) St::store(m, i, mi);
+    if constexpr (DEN) St::store(v, i, vi);
+    if constexpr (AMS) St::store(vmax, i, vmi);
+    if constexpr (CEN) St::store(gavg, i, gai);
+    if constexpr (ADA) St::store(u, i, ui);
   }
 }
 
-template <typename T, std::size_t... I>
-KernelFn<T> lookup(uint32_t code, std::index_sequence<I...>) {
-  static const KernelFn<T> table[] = {&kernel<T, kCodes.code[I]>...};
+template <typename T, typename S, std::size_t... I>
+KernelFn<T, S> lookup(uint32_t code, std::index_sequence<I...>) {
+  static const KernelFn<T, S> table[] = {&kernel<T, kCodes.code[I], S>...};
   int at = find_code(code);
   return at < 0 ? nullptr : table[at];
 }
 
-KernelFn<float> find_f32(uint32_t code) {
-  return lookup<float>(code, std::make_index_sequence<static_cast<std::size_t>(kCodes.n)>());
-}
+constexpr auto kAll = std::make_index_sequence<static_cast<std::size_t>(kCodes.n)>();
 
-KernelFn<double> find_f64(uint32_t code) {
-  return lookup<double>(code, std::make_index_sequence<static_cast<std::size_t>(kCodes.n)>());
-}
+KernelFn<float> find_f32(uint32_t code) { return lookup<float, float>(code, kAll); }
+
+KernelFn<double> find_f64(uint32_t code) { return lookup<double, double>(code, kAll); }
+
+KernelFn<float, uint16_t> find_f32_bf16_state(uint32_t code) { return lookup<float, uint16_t>(code, kAll); }
 
 int count() { return kCodes.n; }
 
@@ -203,8 +230,8 @@ void from_float(int dtype, const float* __restrict src, void* dst, int64_t n) {
 }
 
 const IsaImpl* impl() {
-  static const IsaImpl table = {FASTOPT_STR(FASTOPT_ISA_NS), &find_f32, &find_f64, &count, &to_float,
-                                &from_float};
+  static const IsaImpl table = {FASTOPT_STR(FASTOPT_ISA_NS), &find_f32, &find_f64, &find_f32_bf16_state,
+                                &count, &to_float, &from_float};
   return &table;
 }
 
@@ -472,9 +499,11 @@ struct Plan {
   std::vector<int64_t> offsets;  // first global element of each tensor, then the total
   bool used[NUM_ROLES];
   bool fp64;
-  bool direct;  // float math and every used role already fp32, no master: no conversions
+  bool direct;      // float math and every used role already fp32, no master: no conversions
+  bool bf16_state;  // fp32 params, gradients and H u with bf16 state, no master: converted in registers
   KernelFn<float> kf;
   KernelFn<double> kd;
+  KernelFn<float, uint16_t> kb;
   MathScalars<float> sf;
   MathScalars<double> sd;
 };
@@ -526,6 +555,11 @@ void run_piece(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
     pl.kf(n, role_ptr<float>(pl, P, t, begin), role_ptr<float>(pl, G, t, begin), role_ptr<float>(pl, H, t, begin),
           role_ptr<float>(pl, M, t, begin), role_ptr<float>(pl, V, t, begin), role_ptr<float>(pl, VMAX, t, begin),
           role_ptr<float>(pl, GAVG, t, begin), role_ptr<float>(pl, U, t, begin), &pl.sf);
+  } else if (pl.bf16_state) {
+    pl.kb(n, role_ptr<float>(pl, P, t, begin), role_ptr<float>(pl, G, t, begin), role_ptr<float>(pl, H, t, begin),
+          role_ptr<uint16_t>(pl, M, t, begin), role_ptr<uint16_t>(pl, V, t, begin),
+          role_ptr<uint16_t>(pl, VMAX, t, begin), role_ptr<uint16_t>(pl, GAVG, t, begin),
+          role_ptr<uint16_t>(pl, U, t, begin), &pl.sf);
   } else {
     run_blocks(pl, t, begin, n);
   }
@@ -569,20 +603,25 @@ const char* step(uint32_t switches, const StepScalars& scalars, const Group& gro
   }
   pl.fp64 = group.dtypes[P] == F64;
   pl.direct = !pl.used[MASTER];
+  pl.bf16_state = !pl.used[MASTER];
   for (int role = 0; role < NUM_ROLES; ++role) {
     if (!pl.used[role]) continue;
     const int dt = group.dtypes[role];
     if (pl.fp64 != (dt == F64)) return "fp64 params need fp64 grads and state, and only they can have them";
     if (dt != F32) pl.direct = false;
+    if (dt != ((role == P || role == G || role == H) ? F32 : BF16)) pl.bf16_state = false;
   }
   if (pl.used[MASTER] && group.dtypes[MASTER] != F32) return "master weights must be fp32";
   pl.kf = nullptr;
   pl.kd = nullptr;
+  pl.kb = nullptr;
   if (pl.fp64) {
     pl.kd = pl.isa->find_f64(code);
     pl.sd = math_scalars<double>(sc);
   } else {
     pl.kf = pl.isa->find_f32(code);
+    if (pl.bf16_state) pl.kb = pl.isa->find_f32_bf16_state(code);
+    pl.bf16_state = pl.kb != nullptr;
     pl.sf = math_scalars<float>(sc);
   }
   if (pl.kf == nullptr && pl.kd == nullptr) return "no kernel is compiled for these switches";
