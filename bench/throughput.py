@@ -407,9 +407,10 @@ def write_png(rows: list[dict[str, Any]], path: str, title: str) -> None:
         ax.set_xticklabels(opts, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("effective GB/s")
         ax.set_title(pset, fontsize=10)
-    axes[0, 0].legend(ncol=4, fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, ncol=len(labels), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.972))
+    fig.suptitle(title, fontsize=11, y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.945))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
