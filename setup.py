@@ -69,8 +69,33 @@ class OptionalBuildExt(build_ext):
             else:  # fastopt._cuda: nvcc objects (build_cuda.with_cuda) and the standard link
                 super().build_extension(ext)
         except Exception as exc:
-            traceback.print_exc()
-            _warn(f"building {ext.name} failed ({type(exc).__name__}: {exc})")
+            self._leave_out(ext, exc)
+
+    def _leave_out(self, ext: Extension, exc: Exception) -> None:
+        """Warn, and remember the extension so that nothing tries to copy or install it."""
+        traceback.print_exc()
+        _warn(f"building {ext.name} failed ({type(exc).__name__}: {exc})")
+        self._failed = [*getattr(self, "_failed", []), ext.name]
+
+    def _built(self) -> list[Extension]:
+        return [e for e in self.extensions if e.name not in getattr(self, "_failed", [])]
+
+    def copy_extensions_to_source(self) -> None:  # build_ext --inplace
+        extensions, self.extensions = self.extensions, self._built()
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = extensions
+
+    def get_outputs(self) -> list[str]:  # what an (editable) wheel installs
+        return [self.get_ext_fullpath(e.name) for e in self._built()]
+
+    def get_output_mapping(self) -> dict[str, str]:  # editable installs: build -> source tree
+        extensions, self.extensions = self.extensions, self._built()
+        try:
+            return super().get_output_mapping()
+        finally:
+            self.extensions = extensions
 
     def _openmp_flags(self) -> list[str]:
         """-fopenmp if the compiler takes it (else the kernels use their own thread pool)."""
@@ -161,8 +186,7 @@ class BuildExt(with_cuda(OptionalBuildExt)):
         try:
             super().build_extension(ext)
         except Exception as exc:
-            traceback.print_exc()
-            _warn(f"building {ext.name} failed ({type(exc).__name__}: {exc})")
+            self._leave_out(ext, exc)
 
 
 setup(
