@@ -15,7 +15,8 @@ Effective bandwidth counts the bytes a step must move: params read and written, 
 (and Hessian-vector products) read, each state tensor read and written, at their dtypes.
 
 Usage: ``python -m bench.throughput [--device cpu|cuda] [--quick] [--optimizers adam,...]
-[--out bench/results]``; writes ``throughput_<device>.csv`` and ``.png``.
+[--out bench/results]``; writes ``throughput_<device>.csv`` and ``.png`` (``_quick`` added
+for a quick run).
 """
 
 from __future__ import annotations
@@ -567,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in check_targets(rows, primary):
         print("  " + line)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"throughput_{device.type}")
+    # a quick run must not overwrite the committed results of a full one
+    stem = os.path.join(args.out, f"throughput_{device.type}{'_quick' if args.quick else ''}")
     write_csv(rows, stem + ".csv")
     write_png(
         rows, stem + ".png", f"optimizer step throughput, {meta['device_name']}, torch {torch.__version__}"
