@@ -198,6 +198,7 @@ class _Plan:
         "hvps",
         "container",
         "version",
+        "scalars",
     )
 
     def __init__(
@@ -212,6 +213,7 @@ class _Plan:
         self.grads: list[torch.Tensor] = []
         self.hvps: list[torch.Tensor] | None = None
         self.version = -1  # optimizer.state's change count when the state lists were taken
+        self.scalars: dict[int, StepScalars] = {}  # this step's scalars by step number
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -393,9 +395,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         else:
             steps = {bucket.t + 1 for bucket in plan.buckets}
         hyper = self.group_hyper(group)
+        plan.scalars = {}
         for t in steps:
             try:
-                step_scalars(plan.spec, hyper, t, lr=float(group["lr"]))
+                plan.scalars[t] = step_scalars(plan.spec, hyper, t, lr=float(group["lr"]))
             except (ArithmeticError, ValueError) as exc:  # mu = 1 under bias correction: 0 / 0
                 raise ValueError(
                     f"param group {index}: its hyperparameters define no step {t} of "
@@ -509,11 +512,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if plan.state is None:
             self._materialize(group, plan)
         spec = plan.spec
-        hyper = self.group_hyper(group)
-        lr = group["lr"]
-        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
         for bucket in plan.buckets:
-            scalars = step_scalars(spec, hyper, bucket.t + 1, lr=lr)
+            scalars = plan.scalars.get(bucket.t + 1)  # computed by _check_scalars this step
+            if scalars is None:
+                scalars = step_scalars(spec, self.group_hyper(group), bucket.t + 1, lr=float(group["lr"]))
             if grad_scale != 1.0:
                 scalars = scalars._replace(grad_scale=grad_scale)
             idx = bucket.indices
