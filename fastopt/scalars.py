@@ -195,3 +195,15 @@ def step_scalars(spec: Spec, h: dict[str, Any], t: int, lr: float | None = None)
         eps=eps,
         use_denominator=use_denominator,
     )
+
+
+_SEED_MODULUS = 1 << 31
+
+
+def rounding_seed(t: int, salt: int = 0) -> int:
+    """The stochastic-rounding seed of step ``t`` of the tensors identified by ``salt`` (the
+    param group's index): a function of the step, so a run resumed from a checkpoint draws
+    the same rounding as the run that wrote it. Distinct steps get well-spread seeds (a
+    Weyl sequence). Integer arithmetic only, so a device computation of the same formula in
+    int64 gives the same seed."""
+    return (t * 0x9E3779B1 + salt * 0x7F4A7C15 + 1) % _SEED_MODULUS
