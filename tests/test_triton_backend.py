@@ -24,6 +24,7 @@ differently, by a few times that); a wrong formula misses by far more.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import math
 import os
@@ -33,7 +34,7 @@ import torch
 
 from fastopt import rule
 from fastopt.backends import torch_backend
-from fastopt.scalars import StepScalars, step_scalars
+from fastopt.scalars import StepScalars, rounding_seed, step_scalars
 from fastopt.spec import (
     Accumulation,
     Curvature,
@@ -573,6 +574,159 @@ def test_bf16_state_needs_stochastic_rounding_cuda(tb):
     fp32, rne, sr = train(torch.float32, False), train(torch.bfloat16, False), train(torch.bfloat16, True)
     assert sr < 2 * fp32 + 1e-4
     assert rne > 10 * sr
+
+
+# ---- bf16 state: the rounding seed -----------------------------------------------------------
+
+# Odd sizes: no two tensors can lie back to back in memory (allocations are aligned), so the
+# table never merges two of them and a tensor's index in the launch is its index here. Packed
+# (1, 3) and chunked (131, 257: several 128-element chunks) tensors under the interpreter.
+SR_SIZES = [1, 3, 131, 257]
+SR_STEPS = 4
+
+
+def _sr_run(backend, device):
+    """fp32 Adam params with bf16 state (stochastic rounding by default), and the grads of
+    SR_STEPS steps, the same for every call."""
+    gen = torch.Generator().manual_seed(11)
+    params = [torch.randn(n, generator=gen).to(device) for n in SR_SIZES]
+    state = {
+        r: [torch.zeros(n, dtype=torch.bfloat16, device=device) for n in SR_SIZES] for r in ADAM.state_roles
+    }
+    grads = [[torch.randn(n, generator=gen).to(device) for n in SR_SIZES] for _ in range(SR_STEPS)]
+    return params, state, grads
+
+
+def _sr_steps(backend, params, state, grads, steps, seed):
+    """Steps ``steps`` (1-based) with seed(t)."""
+    for t in steps:
+        backend.step(ADAM, step_scalars(ADAM, HYPER, t), params, grads[t - 1], None, state, seed=seed(t))
+
+
+def _bits(params, state) -> list[torch.Tensor]:
+    """Every tensor's bits (bitwise comparison: -0.0 is not 0.0)."""
+    views = [p.view(torch.int32) for p in params]
+    views += [x.view(torch.int16) for r in sorted(state) for x in state[r]]
+    return [v.cpu() for v in views]
+
+
+def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _move_the_counter(backend, device) -> None:
+    """A launch without a seed: advances the process-wide counter that seeded runs must ignore."""
+    params, state, grads = _sr_run(backend, device)
+    backend.step(ADAM, step_scalars(ADAM, HYPER, 1), params, grads[0], None, state)
+
+
+def _check_same_seed_same_bits(backend, device) -> None:
+    runs = []
+    for _ in range(2):
+        params, state, grads = _sr_run(backend, device)
+        _sr_steps(backend, params, state, grads, range(1, SR_STEPS + 1), lambda t: 12345 + t)
+        runs.append(_bits(params, state))
+        _move_the_counter(backend, device)
+    assert _same_bits(runs[0], runs[1])
+
+
+def _check_resumed_run_same_bits(backend, device, k: int = 2) -> None:
+    """Steps 1..k, a checkpoint (clones: new addresses), steps k+1..n on the clones: bit for
+    bit the uninterrupted run, both seeded with scalars.rounding_seed(t, 0)."""
+    params, state, grads = _sr_run(backend, device)
+    _sr_steps(backend, params, state, grads, range(1, SR_STEPS + 1), lambda t: rounding_seed(t, 0))
+    whole = _bits(params, state)
+
+    params, state, grads = _sr_run(backend, device)
+    _sr_steps(backend, params, state, grads, range(1, k + 1), lambda t: rounding_seed(t, 0))
+    ckpt = [p.clone() for p in params], {r: [x.clone() for x in v] for r, v in state.items()}
+    del params, state
+    _move_the_counter(backend, device)
+    params, state = ckpt
+    _sr_steps(backend, params, state, grads, range(k + 1, SR_STEPS + 1), lambda t: rounding_seed(t, 0))
+    assert _same_bits(_bits(params, state), whole)
+
+
+def _check_other_seed_other_bits(backend, device) -> None:
+    results = {}
+    for seed in (7, 8, 7 + 2**30):
+        params, state, grads = _sr_run(backend, device)
+        _sr_steps(backend, params, state, grads, [1], lambda t, seed=seed: seed)
+        results[seed] = [x.view(torch.int16).cpu() for r in sorted(state) for x in state[r]]
+    assert not _same_bits(results[7], results[8])
+    assert not _same_bits(results[7], results[7 + 2**30])
+
+
+def _check_bad_seeds(backend, device) -> None:
+    params, state, grads = _sr_run(backend, device)
+    before = _bits(params, state)
+    scalars = step_scalars(ADAM, HYPER, 1)
+    for bad in (-1, 2**31, 2**32 + 1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="seed"):
+            backend.step(ADAM, scalars, params, grads[0], None, state, seed=bad)
+    with pytest.raises(ValueError, match="seed"):
+        backend.step(ADAM, scalars, [], [], None, {}, seed=2**31)  # even with nothing to step
+    from fastopt.backends import triton_backend
+
+    sc = triton_backend.scalars_tensor(scalars, device, seed=5)
+    with pytest.raises(ValueError, match="scalars_tensor"):  # the tensor holds the seed
+        backend.step(ADAM, scalars, params, grads[0], None, state, scalars_tensor=sc, seed=5)
+    with pytest.raises(ValueError, match="seed"):
+        triton_backend.scalars_tensor(scalars, device, seed=2**31)
+    assert _same_bits(_bits(params, state), before)
+    for good in (0, 2**31 - 1):
+        backend.step(ADAM, scalars, params, grads[0], None, state, seed=good)
+
+
+def test_same_seed_rounds_the_same(tb, device):
+    """Two runs of several steps with the same seeds: bit-identical bf16 state and weights,
+    whatever the process-wide seed counter did in between."""
+    _check_same_seed_same_bits(tb, device)
+
+
+def test_resumed_run_rounds_as_the_uninterrupted_one(tb, device):
+    _check_resumed_run_same_bits(tb, device)
+
+
+def test_other_seed_rounds_otherwise(tb, device):
+    _check_other_seed_other_bits(tb, device)
+
+
+def test_seed_out_of_range_is_refused(tb, device):
+    _check_bad_seeds(tb, device)
+
+
+def test_one_launch_draws_independently_per_tensor(tb, device):
+    """Two identical tensors in one launch (m = g exactly, as in the unbiasedness test) round
+    up in different places: the tensor's index enters the hash. Independent draws agree on
+    an element with probability 0.25**2 + 0.75**2."""
+    spec = Spec(momentum=Momentum.CLASSICAL, momentum_accumulation=Accumulation.SUM)
+    n = 512
+    x = 1.0 + 0.25 * 2**-7
+    m = [torch.zeros(n, dtype=torch.bfloat16, device=device) for _ in range(2)]
+    p = [torch.zeros(n, device=device) for _ in range(2)]
+    g = [torch.full((n,), x, device=device) for _ in range(2)]
+    tb.step(spec, step_scalars(spec, dict(lr=1e-3, mu=0.5), 1), p, g, None, {"m": m}, seed=99)
+    up = [mi.float() > 1.0 for mi in m]
+    agree = (up[0] == up[1]).double().mean().item()
+    assert abs(agree - 0.625) < 5 * math.sqrt(0.625 * 0.375 / n)
+    assert 0.1 < up[0].double().mean().item() < 0.4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (HAS_CUDA and importlib.util.find_spec("fastopt._cuda") is not None),
+    reason="needs fastopt._cuda and a CUDA GPU (runs on the GPU machine)",
+)
+def test_cuda_backend_rounding_seed_cuda():
+    """The CUDA C++ backend's seed: the same four checks as the Triton tests above."""
+    from fastopt.backends import cuda_backend
+
+    device = torch.device("cuda")
+    _check_same_seed_same_bits(cuda_backend, device)
+    _check_resumed_run_same_bits(cuda_backend, device)
+    _check_other_seed_other_bits(cuda_backend, device)
+    _check_bad_seeds(cuda_backend, device)
 
 
 # ---- global gradient norm --------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The extension is optional (built by build_cuda.py where nvcc and a CUDA torch exist) and
 imported on first use. It reads the same device-side pointer and chunk table as the Triton
 backend and takes the same optional hooks in :func:`step` (``grad_scale_ptr``, ``found_inf``,
-``scalars_tensor``, ``stochastic_rounding``); see :mod:`fastopt.backends.triton_backend`.
+``scalars_tensor``, ``stochastic_rounding``, ``seed``); see :mod:`fastopt.backends.triton_backend`.
 
 Kernels exist for canonical switch codes only: maximize, the gradient scale and decoupled
 decay are folded into the scalars with exact arithmetic, and SUM and MEAN denominators
@@ -105,8 +105,25 @@ def step(
     found_inf: torch.Tensor | None = None,
     scalars_tensor: torch.Tensor | None = None,
     stochastic_rounding: bool | None = None,
+    seed: int | None = None,
 ) -> None:
-    """One fused step; arguments as :func:`fastopt.backends.triton_backend.step`."""
+    """One fused step; arguments as :func:`fastopt.backends.triton_backend.step`.
+
+    ``seed`` (an int in [0, 2**31), else ValueError; None: the shared process-wide counter)
+    reaches the kernel as ``2 * seed + 1``: the extension's seed argument both switches
+    stochastic rounding on (nonzero) and keys the hash, so the map must never give 0. An
+    element's bits hash that key, its tensor's index in the table (shifted left 40), its
+    state role (shifted left 58) and its index in its tensor. With ``scalars_tensor`` the
+    key is computed in the kernel from the tensor's seed field instead (the argument only
+    switches rounding on), and passing ``seed`` too is a ValueError.
+    """
+    if seed is not None:
+        seed = _tables.check_seed(seed)
+        if scalars_tensor is not None:
+            raise ValueError(
+                "fastopt cuda: with scalars_tensor the rounding seed is read from that tensor: "
+                "pass it to scalars_tensor(seed=), not to step()"
+            )
     if not params:
         return
     device = params[0].device
@@ -176,8 +193,14 @@ def step(
         found_inf=found_inf.data_ptr() if found_inf is not None else 0,
         maximize=spec.maximize,
         decoupled=spec.weight_decay == 1,
-        seed=_tables._next_seed() * 2 + 1 if sr else 0,  # odd: nonzero switches rounding on
+        seed=_rounding_key(seed) if sr else 0,
     )
+
+
+def _rounding_key(seed: int | None) -> int:
+    """The extension's seed argument for a rounding seed in [0, 2**31) (None: the next of the
+    shared counter): odd, so never the 0 that means round to nearest, and one to one."""
+    return (_tables._next_seed() if seed is None else seed) * 2 + 1
 
 
 _norm_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -17,6 +17,12 @@ Hooks for the optimizer layer (all optional keyword arguments of :func:`step`):
     the step's scalars as a device tensor (:func:`scalars_tensor` builds one) instead of
     kernel arguments, so that the launch can be captured in a CUDA graph and replayed with
     new values written into that tensor.
+``seed``
+    the stochastic-rounding seed of this launch, an int in [0, 2**31): the optimizer layer
+    passes ``scalars.rounding_seed(t, group_index)``, so that a run resumed from a
+    checkpoint (or repeated in the same process) rounds its bf16 state exactly as the
+    uninterrupted run does. Without it each launch takes the next value of a process-wide
+    counter: fine for training, not reproducible.
 
 :func:`global_grad_norm` gives the global L2 norm of a list of gradients as a device scalar
 in one launch, for gradient clipping without a host sync.
@@ -24,6 +30,7 @@ in one launch, for gradient clipping without a host sync.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections import OrderedDict
 from typing import Any
@@ -260,7 +267,11 @@ def scalars_tensor(
 
     With ``out`` the values are written into that tensor in place (a pinned host copy,
     non-blocking), which is how a captured CUDA graph receives the next step's values.
+    ``seed`` (in [0, 2**31)) is the one a launch reading this tensor rounds bf16 state
+    with: write a fresh one every step (``scalars.rounding_seed(t, group_index)``), since a
+    replayed graph has no other source of new rounding.
     """
+    seed = check_seed(seed)
     values = torch.tensor([float(x) for x in scalars] + [float(seed)], dtype=torch.float64)
     if out is None:
         return values.to(device)
@@ -270,13 +281,27 @@ def scalars_tensor(
     return out
 
 
+SEED_LIMIT = 1 << 31  # seeds are ints in [0, SEED_LIMIT), like scalars.rounding_seed's
+
 _seed_counter = [0]
 
 
 def _next_seed() -> int:
     # a fresh seed every launch: rounding errors of successive steps are independent
-    _seed_counter[0] = (_seed_counter[0] + 0x9E3779B1) % (1 << 31)
+    _seed_counter[0] = (_seed_counter[0] + 0x9E3779B1) % SEED_LIMIT
     return _seed_counter[0]
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int, or ValueError unless it is an integer in [0, 2**31) (shared with
+    the CUDA backend)."""
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"fastopt: a stochastic-rounding seed is an int in [0, 2**31), not {seed!r}")
+    return value
 
 
 def step(
@@ -291,6 +316,7 @@ def step(
     found_inf: torch.Tensor | None = None,
     scalars_tensor: torch.Tensor | None = None,
     stochastic_rounding: bool | None = None,
+    seed: int | None = None,
 ) -> None:
     """One fused step of ``spec`` over a group (see :mod:`fastopt.backends` for the contract).
 
@@ -306,7 +332,25 @@ def step(
             bf16 and the params (or master weights) are not, i.e. when bf16 state was chosen
             to save memory; round-to-nearest would let Adam's second moment stall, since
             its per-step change (1 - beta2 = 1e-3) is below bf16's resolution (2**-8).
+        seed: the stochastic-rounding seed of this launch, an int in [0, 2**31) (else
+            ValueError). An element's random bits are a hash of the seed, its tensor's
+            index in the launch's table and its index in that tensor, so the same seed over
+            the same tensors rounds identically: pass one (the optimizer layer passes
+            ``scalars.rounding_seed(t, group_index)``) for runs that are reproducible and
+            resume from a checkpoint bit for bit. (Tensors that lie back to back in memory
+            share a table entry: a group laid out differently, e.g. views of one flat
+            buffer against separate tensors, draws different bits.) None: the next value
+            of a process-wide counter, a new seed every launch, not reproducible. Unused
+            without stochastic rounding. With ``scalars_tensor`` the seed is that tensor's
+            last field (see :func:`scalars_tensor`) and passing ``seed`` too is a ValueError.
     """
+    if seed is not None:
+        seed = check_seed(seed)
+        if scalars_tensor is not None:
+            raise ValueError(
+                "fastopt triton: with scalars_tensor the rounding seed is read from that tensor: "
+                "pass it to scalars_tensor(seed=), not to step()"
+            )
     if not params:
         return
     device = params[0].device
@@ -355,7 +399,7 @@ def step(
         return
     _launch(
         table, spec, scalars, len(arrays), slots, (p_dtype, g_dtype, s_dtype), sr, cfg,
-        grad_scale_ptr, found_inf, scalars_tensor,
+        grad_scale_ptr, found_inf, scalars_tensor, seed,
     )  # fmt: skip
 
 
@@ -371,9 +415,10 @@ def _launch(
     grad_scale_ptr: torch.Tensor | None,
     found_inf: torch.Tensor | None,
     scalars_tensor: torch.Tensor | None,
+    seed: int | None = None,
 ) -> None:
     """Launch the step kernel over a table (anything with _Table's attributes: tests
-    hand-build one to check int64 offsets without 8 GB tensors)."""
+    hand-build one to check int64 offsets without 8 GB tensors). ``seed``: see :func:`step`."""
     p_dtype, g_dtype, s_dtype = dtypes
     sw = switches(spec, scalars)
     dynamic_use = False
@@ -388,6 +433,9 @@ def _launch(
             sw["USE_DENOMINATOR"] = 1
     if grad_scale_ptr is not None:
         sw["SCALE_GRAD"] = 1
+    launch_seed = 0  # unused: no rounding, or the kernel reads the seed from scalars_tensor
+    if sr and scalars_tensor is None:
+        launch_seed = _next_seed() if seed is None else seed
     dummy = table.buf
     K.step_kernel[(table.n_programs,)](
         table.ptrs,
@@ -402,7 +450,7 @@ def _launch(
         table.n_packed,
         table.packed_elems,
         *(float(x) for x in scalars[:12]),
-        _next_seed() if sr and scalars_tensor is None else 0,
+        launch_seed,
         NA=n_arrays,
         S_H=slots.get("h", -1),
         S_M=slots.get("m", -1),
