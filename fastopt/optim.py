@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import backends, distributed
-from .scalars import StepScalars, step_scalars
+from .scalars import StepScalars, rounding_seed, step_scalars
 from .spec import Curvature, Denominator, Spec
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -33,6 +33,9 @@ GENERIC_STATE_KEYS = {
 }
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
+# Backends whose step() takes the gradient multiplier and found_inf as device tensors
+# (and a stochastic-rounding seed), and that give a global grad norm as a device tensor.
+_DEVICE_HOOK_BACKENDS = ("triton", "cuda")
 
 
 def check(condition: bool, message: str) -> None:
@@ -114,7 +117,7 @@ def _step_count(step: Any) -> int | None:
     return int(step)
 
 
-def _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state) -> None:
+def _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state, options) -> None:
     """Step a backend that needs contiguous tensors: non-contiguous ones (channels-last,
     transposed or sliced views, expanded grads) go through contiguous copies, and the
     params' and state's copies are written back."""
@@ -123,10 +126,10 @@ def _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state)
         hvps = [h if h.is_contiguous() else h.contiguous() for h in hvps]
     written = [params, *state.values()]
     if all(t.is_contiguous() for ts in written for t in ts):
-        backend.step(spec, scalars, params, grads, hvps, state)
+        backend.step(spec, scalars, params, grads, hvps, state, **options)
         return
     copies = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in written]
-    backend.step(spec, scalars, copies[0], grads, hvps, dict(zip(state, copies[1:])))
+    backend.step(spec, scalars, copies[0], grads, hvps, dict(zip(state, copies[1:])), **options)
     for ts, cs in zip(written, copies):
         for t, c in zip(ts, cs):
             if c is not t:
@@ -319,6 +322,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.master_weights = master_weights
         self._plans: dict[int, _Plan] = {}
+        # a step whose found_inf stayed on the device: (its host copy, event, plans, saved)
+        self._skip_pending: tuple | None = None
 
     # -- what subclasses translate ------------------------------------------------------
     def group_spec(self, group: dict[str, Any]) -> Spec:
@@ -333,8 +338,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _extra_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> None:
         """Subclass hook: state entries torch keeps beyond the rule's (NAdam's mu_product)."""
 
-    def _after_step(self, group: dict[str, Any], states: list[dict[str, Any]], t: int) -> None:
-        """Subclass hook: update those extra entries after a step at step number t."""
+    def _after_step(
+        self, group: dict[str, Any], states: list[dict[str, Any]], t: int, taken: torch.Tensor | None
+    ) -> None:
+        """Subclass hook: update those extra entries after a step at step number t. With a
+        device-side found_inf, ``taken`` is a 0-dim bool device tensor (whether the kernels
+        took the step) and the entries live on that device."""
 
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()
@@ -364,24 +373,36 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._step_groups([self.group_spec(g) for g in self.param_groups], hvps)
 
     def _step_groups(self, specs: list[Spec], hvps: dict[torch.Tensor, torch.Tensor]) -> None:
+        self._settle_skipped_step()
         # every group is validated before any tensor of any group is modified
         plans = [self._plan_group(i, g, s, hvps) for i, (g, s) in enumerate(zip(self.param_groups, specs))]
-        grad_scale = self._grad_scale(plans)
-        if grad_scale is None:  # a scaler found inf/nan: skip the whole step
-            return
-        # the step scalars and the backend choice can fail too: both for every group before
-        # any state is created or any group stepped
+        # the backend choice, the gradient multiplier and the step scalars can fail too: all
+        # for every group before any state is created or any group stepped
         ready = [(i, g, p) for i, (g, p) in enumerate(zip(self.param_groups, plans)) if p is not None]
-        for i, group, plan in ready:
-            self._check_scalars(i, group, plan)
         for _, _, plan in ready:
             if plan.backend is None:
                 plan.backend = backends.choose(self.backend, plan.spec, plan.device, plan.dtype)
+        hooks = self._device_grad_scale([plan for _, _, plan in ready])
+        grad_scale = 1.0
+        if hooks is None:
+            hooks = {}
+            grad_scale = self._grad_scale(plans)
+            if grad_scale is None:  # a scaler found inf/nan: skip the whole step
+                return
+        for i, group, plan in ready:
+            self._check_scalars(i, group, plan)
         for _, group, plan in ready:
             if plan.state is None:
                 self._materialize(group, plan)
-        for _, group, plan in ready:
-            self._run_group(group, plan, grad_scale)
+        found_inf = hooks.get("found_inf")
+        # device-side counters ('step', NAdam's mu_product) advance only where it is 0
+        taken = None if found_inf is None else found_inf.reshape(()) == 0
+        for i, group, plan in ready:
+            self._run_group(i, group, plan, grad_scale, hooks, taken)
+        if found_inf is not None:
+            # the kernels skipped the step if found_inf was set; whether they did is read on
+            # the host when it is next needed, by then without a wait
+            self._await_skip(found_inf, [plan for _, _, plan in ready])
         # creating state above changed optimizer.state: that is no reason to rebuild a
         # plan; a change made between now and the next step is
         version = self.state.version
@@ -508,10 +529,87 @@ class FusedOptimizer(torch.optim.Optimizer):
                     scale *= coef  # nan/inf norm: clip_grad_norm_ multiplies by nan/0 too
         return scale
 
-    def _run_group(self, group: dict[str, Any], plan: _Plan, grad_scale: float) -> None:
+    def _device_grad_scale(self, plans: list[_Plan]) -> dict[str, torch.Tensor | None] | None:
+        """The device-tensor hooks of a step without host synchronization, or None where the
+        host path (:meth:`_grad_scale`) is taken.
+
+        Taken when every group runs on one device through a backend that reads the
+        gradient multiplier and ``found_inf`` from device tensors, and there is something
+        to hook (a GradScaler's scale or found_inf, or ``max_grad_norm``). The multiplier
+        is the inverse loss scale times ``clip_grad_norm_``'s clamped coefficient, computed
+        with a few device operations from a one-launch global norm.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        amp_scale = getattr(self, "grad_scale", None)
+        if not plans or (found_inf is None and amp_scale is None and self.max_grad_norm is None):
+            return None
+        device = plans[0].device
+        for plan in plans:
+            if plan.backend.name not in _DEVICE_HOOK_BACKENDS or plan.device != device:
+                return None
+            if distributed.is_dtensor(plan.params[0]):  # the norm needs the mesh's all-reduce
+                return None
+        for lent in (found_inf, amp_scale):
+            if lent is not None and not (isinstance(lent, torch.Tensor) and lent.device == device):
+                return None
+        inv_scale = None if amp_scale is None else torch.reciprocal(amp_scale.float().reshape(1))
+        multiplier = inv_scale
+        if self.max_grad_norm is not None:
+            norm = plans[0].backend.global_grad_norm([g for plan in plans for g in plan.grads])
+            if inv_scale is not None:
+                norm = norm * inv_scale
+            # clip_grad_norm_: max_norm / (norm + 1e-6) clamped to 1; a nan/inf norm gives
+            # nan/0, which clip_grad_norm_ multiplies the gradients by too
+            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            multiplier = coef if inv_scale is None else coef * inv_scale
+        return {"grad_scale_ptr": multiplier, "found_inf": found_inf}
+
+    def _await_skip(self, found_inf: torch.Tensor, stepped: list[_Plan]) -> None:
+        """Remember a step that the kernels may have skipped: the plans' host step counts
+        were advanced as if it was taken and are put back by :meth:`_settle_skipped_step` if
+        it was not (the state's own 'step' tensors, on the device, are exact already)."""
+        if found_inf.device.type == "cuda":
+            host = torch.empty(found_inf.shape, dtype=found_inf.dtype, pin_memory=True)
+            host.copy_(found_inf, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = found_inf.clone(), None
+        self._skip_pending = (host, event, stepped)
+
+    def _settle_skipped_step(self) -> None:
+        """Put back the host step counts of the last step if its found_inf was set (the wait,
+        if any, is for a step issued before everything queued since)."""
+        pending = getattr(self, "_skip_pending", None)
+        if pending is None:
+            return
+        self._skip_pending = None
+        host, event, stepped = pending
+        if event is not None:
+            event.synchronize()
+        if float(host.sum()) != 0.0:
+            for plan in stepped:
+                for bucket in plan.buckets:
+                    bucket.t -= 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, after settling whether the last step was skipped."""
+        self._settle_skipped_step()
+        return super().state_dict()
+
+    def _run_group(
+        self,
+        index: int,
+        group: dict[str, Any],
+        plan: _Plan,
+        grad_scale: float,
+        hooks: dict[str, torch.Tensor | None],
+        taken: torch.Tensor | None,
+    ) -> None:
         if plan.state is None:
             self._materialize(group, plan)
         spec = plan.spec
+        hooked = plan.backend.name in _DEVICE_HOOK_BACKENDS
         for bucket in plan.buckets:
             scalars = plan.scalars.get(bucket.t + 1)  # computed by _check_scalars this step
             if scalars is None:
@@ -528,11 +626,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 hvps = None if plan.hvps is None else [plan.hvps[i] for i in idx]
                 state = {role: [ts[i] for i in idx] for role, ts in plan.state.items()}
                 states = [plan.states[i] for i in idx]
-            self._launch(plan.backend, spec, scalars, params, grads, hvps, state)
+            options = {}
+            if hooked:  # the seed makes a resumed run round bf16 state as the original did
+                options = dict(hooks, seed=rounding_seed(bucket.t + 1, index))
+            self._launch(plan.backend, spec, scalars, params, grads, hvps, state, options)
             bucket.t += 1
-            self._after_step(group, states, bucket.t)
-        if plan.steps is not None:
-            plan.steps.add_(1.0)  # every param's 'step' is a view of this one buffer
+            self._after_step(group, states, bucket.t, taken)
+        if plan.steps is not None:  # every param's 'step' is a view of this one buffer
+            plan.steps.add_(1.0 if taken is None else taken)
 
     def _launch(
         self,
@@ -543,14 +644,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         grads: list[torch.Tensor],
         hvps: list[torch.Tensor] | None,
         state: dict[str, list[torch.Tensor]],
+        options: dict[str, Any],
     ) -> None:
-        """Hand one (device, dtype, step) bucket to its backend."""
+        """Hand one (device, dtype, step) bucket to its backend (``options``: the keyword
+        arguments of a device-hook backend's step)."""
         # backends see plain tensors only: DTensors (FSDP2, TP) are stepped shard by shard
         params, grads, hvps, state = distributed.local_tensors(params, grads, hvps, state)
         if getattr(backend, "accepts_strided", False):
-            backend.step(spec, scalars, params, grads, hvps, state)
+            backend.step(spec, scalars, params, grads, hvps, state, **options)
         else:
-            _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state)
+            _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state, options)
 
     def _materialize(self, group: dict[str, Any], plan: _Plan) -> None:
         """Create missing state, pack the step counters, bucket params by step count."""
@@ -564,11 +667,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             counts.append(self._steps_from_state(state))  # before any state is created
             self._init_param_state(group, spec, p, state, hyper)
             states.append(state)
+        # a backend with device hooks may skip a step on the device (found_inf): its
+        # counters live there, like torch's fused optimizers' 'step'
+        scalar_device = plan.device if plan.backend.name in _DEVICE_HOOK_BACKENDS else torch.device("cpu")
         if self.keeps_step:
             # one buffer, each param's 'step' a 0-dim view of it: a step adds 1 once
-            plan.steps = torch.tensor(counts, dtype=torch.float32)
+            plan.steps = torch.tensor(counts, dtype=torch.float32, device=scalar_device)
             for i, state in enumerate(states):
                 state["step"] = plan.steps[i]
+        for state in states:
+            for key in self.extra_state_keys:
+                value = state.get(key)
+                if isinstance(value, torch.Tensor) and value.device != scalar_device:
+                    state[key] = value.to(scalar_device)
         roles = list(spec.state_roles)
         if self.master_weights and plan.dtype in (torch.float16, torch.bfloat16):
             roles.append("master")
@@ -616,6 +727,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return 1 if state.get(self.state_keys["m"]) is not None else 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._settle_skipped_step()
         params = param_group["params"]
         if not isinstance(params, torch.Tensor | set):  # torch refuses sets itself
             param_group["params"] = params = list(params)  # a generator is read once
@@ -690,6 +802,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's loader, after checking state shapes (nothing changes on error)."""
+        self._settle_skipped_step()
         groups = self.param_groups
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or "state" not in state_dict:

@@ -353,10 +353,15 @@ class NAdam(_AdamFamily):
         if "mu_product" not in state:
             state["mu_product"] = torch.ones((), dtype=torch.float32)
 
-    def _after_step(self, group, states, t) -> None:
+    def _after_step(self, group, states, t, taken) -> None:
         b1 = float(group["betas"][0])
         mu_t = nadam_mu(t, b1, float(group["momentum_decay"]))
-        torch._foreach_mul_([st["mu_product"] for st in states], mu_t)
+        products = [st["mu_product"] for st in states]
+        if taken is None:
+            torch._foreach_mul_(products, mu_t)
+        elif products:  # a factor of 1 where found_inf skipped the step (rounded like mu_t)
+            factor = torch.where(taken, mu_t, 1.0)
+            torch._foreach_mul_(products, factor)
 
 
 class RAdam(_AdamFamily):

@@ -504,8 +504,14 @@ def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.cat(norms)).reshape(1)
 
 
+# The norm's own chunking, independent of the step's (tunable) launch configuration: the
+# partial sums' order, hence the norm's last bits, must not change with that configuration.
+_NORM_CONFIG = {"block": 2048, "chunk": 16384, "num_warps": 8}
+_INTERPRETER_NORM_CONFIG = {"block": 64, "chunk": 256, "num_warps": 1}
+
+
 def _norm_one_dtype(ts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    cfg = launch_config()
+    cfg = _INTERPRETER_NORM_CONFIG if _interpreted() else _NORM_CONFIG
     table = pointer_table([ts], ["grad"], cfg["chunk"], device)
     if table.n_chunks == 0:
         return torch.zeros(1, dtype=torch.float32, device=device)

@@ -1,0 +1,234 @@
+"""The optimizer layer's device-side AMP and clipping path (Triton and CUDA backends).
+
+With a GradScaler (``grad_scale``, ``found_inf``) or ``max_grad_norm``, groups stepped by a
+backend with device hooks get the gradient multiplier and found_inf as device tensors:
+nothing is read on the host during the step. The host learns whether a step was skipped
+at the next step (or state_dict()), and puts its step counts back then; the state's own
+'step' tensors (and NAdam's mu_product) live on the device and advance only where
+found_inf is 0.
+
+Where no GPU is present these run Triton's interpreter on CPU tensors, on which the same
+code path runs (CPU tensors stand in for the device ones); the CUDA cases run on a GPU.
+Tolerance: fp32 storage, a few steps, the kernels' fused multiply-adds against the torch
+backend's separate roundings: 2e-5 relative, as in tests/test_triton_backend.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastopt
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+TOL = dict(rtol=2e-5, atol=2e-6)
+SIZES = [(3,), (130,), (17, 15), (1,)]
+
+
+@pytest.fixture(params=["interpreted", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    if request.param == "cuda":
+        if not HAS_CUDA:
+            pytest.skip("needs a CUDA GPU")
+        yield torch.device("cuda")
+        return
+    if HAS_CUDA:
+        pytest.skip("interpreted cases run where no GPU is present (CI)")
+    from test_reliability_hostile import triton_interpreter
+
+    with triton_interpreter():
+        yield torch.device("cpu")
+
+
+def _params(device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(device).requires_grad_() for s in SIZES]
+
+
+def _grads(step: int, device: torch.device, scale: float = 1.0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return [(torch.randn(s, generator=gen) * scale).to(device) for s in SIZES]
+
+
+def _run(cls, backend, device, flags, scale=1024.0, **kw):
+    """Steps with the given found_inf flags, gradients scaled by ``scale`` and the scale
+    lent to the optimizer as a GradScaler does (grad_scale, found_inf attributes)."""
+    params = _params(device)
+    opt = cls(params, backend=backend, **kw)
+    for step, flag in enumerate(flags):
+        for p, g in zip(params, _grads(step, device, scale)):
+            p.grad = g
+        opt.grad_scale = torch.full((1,), scale, device=device)
+        opt.found_inf = torch.full((1,), float(flag), device=device)
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+    return params, opt
+
+
+class _NoScalarReads(TorchDispatchMode):
+    """Counts reads of tensor values on the host (item(), float(), bool() dispatch to
+    aten._local_scalar_dense): with CUDA tensors each is a synchronization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls", [fastopt.Adam, fastopt.NAdam, fastopt.RAdam], ids=lambda c: c.__name__)
+def test_skipped_steps_match_the_host_path(device, cls):
+    """found_inf set on the second and third steps: params, state and step counts equal the
+    torch backend's, which reads found_inf on the host and skips outright."""
+    flags = [0, 1, 1, 0, 0, 1, 0]
+    ours, opt = _run(cls, "triton", device, flags, lr=1e-2)
+    theirs, ref = _run(cls, "torch", device, flags, lr=1e-2)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TOL)
+    taken = flags.count(0)
+    for p, q in zip(ours, theirs):
+        sa, sb = opt.state[p], ref.state[q]
+        # read directly, before anything settled the host's count: the device tensors are exact
+        assert float(sa["step"]) == taken
+        for key, value in sb.items():
+            torch.testing.assert_close(sa[key].cpu(), value.cpu(), **TOL)
+    assert all(int(s["step"]) == taken for s in opt.state_dict()["state"].values())
+    # the host's own count is right for the next step's scalars: one more step still agrees
+    for params, o in ((ours, opt), (theirs, ref)):
+        for p, g in zip(params, _grads(99, device)):
+            p.grad = g
+        o.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_step_reads_nothing_on_the_host(device):
+    """No value is read on the host during a step with a GradScaler's tensors and clipping;
+    the next step reads the previous found_inf once, from its host copy."""
+    params = _params(device)
+    opt = fastopt.AdamW(params, lr=1e-2, backend="triton", max_grad_norm=0.5)
+    for step in range(3):
+        for p, g in zip(params, _grads(step, device, 8.0)):
+            p.grad = g
+        opt.grad_scale = torch.full((1,), 8.0, device=device)
+        opt.found_inf = torch.zeros(1, device=device)
+        with _NoScalarReads() as mode:
+            opt.step()
+        # the first step builds the plan, reading each param's saved step count (none yet)
+        assert mode.reads == (0 if step == 0 else 1), (step, mode.reads)
+    # the host path reads found_inf and the scale: the counter sees it
+    ref = fastopt.AdamW(_params(device), lr=1e-2, backend="torch")
+    for p in ref.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    ref.grad_scale, ref.found_inf = torch.full((1,), 8.0, device=device), torch.zeros(1, device=device)
+    ref.step()
+    with _NoScalarReads() as mode:
+        ref.step()
+    assert mode.reads >= 2
+
+
+@pytest.mark.parametrize("scale", [None, 64.0])
+def test_device_clipping_matches_clip_grad_norm(device, scale):
+    """max_grad_norm on the device path equals clip_grad_norm_ (on the unscaled gradients)
+    followed by the unclipped torch.optim.Adam."""
+    ours, theirs = _params(device), _params(device)
+    opt = fastopt.Adam(ours, lr=1e-2, backend="triton", max_grad_norm=0.3)
+    ref = torch.optim.Adam(theirs, lr=1e-2)
+    for step in range(4):
+        grads = _grads(step, device)
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad = g * scale if scale else g.clone()
+            q.grad = g.clone()
+        if scale:
+            opt.grad_scale = torch.full((1,), scale, device=device)
+            opt.found_inf = torch.zeros(1, device=device)
+        opt.step()
+        if scale:
+            del opt.grad_scale, opt.found_inf
+        torch.nn.utils.clip_grad_norm_(theirs, 0.3)
+        ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_non_finite_norm_poisons_like_clip_grad_norm(device):
+    """An inf gradient without a scaler: clip_grad_norm_ multiplies by max/(inf) = 0 and
+    the inf itself stays: the params become nan where torch's do."""
+    ours, theirs = _params(device), _params(device)
+    opt = fastopt.SGD(ours, lr=0.1, backend="triton", max_grad_norm=1.0)
+    ref = torch.optim.SGD(theirs, lr=0.1)
+    for p, q, g in zip(ours, theirs, _grads(0, device)):
+        g[0] = float("inf")
+        p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    ref.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), **TOL)
+
+
+def test_grad_scaler_end_to_end(device):
+    """torch.amp.GradScaler drives the device path unchanged: an overflow is skipped, the
+    scale backs off, and the run matches torch.optim.Adam under its own scaler."""
+    torch.manual_seed(0)
+    ours = torch.nn.Linear(6, 3).to(device)
+    theirs = torch.nn.Linear(6, 3).to(device)
+    theirs.load_state_dict(ours.state_dict())
+    opt = fastopt.Adam(ours.parameters(), lr=1e-2, backend="triton")
+    ref = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    scalers = [torch.amp.GradScaler(device.type, init_scale=2.0**10) for _ in range(2)]
+    gen = torch.Generator().manual_seed(3)
+    for step in range(5):
+        x = torch.randn(8, 6, generator=gen).to(device)
+        if step == 2:
+            x[0, 0] = float("inf")
+        for model, o, scaler in zip((ours, theirs), (opt, ref), scalers):
+            o.zero_grad()
+            scaler.scale(model(x).square().mean()).backward()
+            scaler.step(o)
+            scaler.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**9
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, **TOL)
+    assert int(opt.state_dict()["state"][0]["step"]) == 4
+
+
+def test_bf16_state_resumes_bit_identically(device, tmp_path):
+    """Stochastically rounded bf16 state draws its rounding from (step, group): a run saved
+    at step 3 and resumed in a fresh optimizer equals the uninterrupted run bit for bit."""
+
+    def make(params):
+        return fastopt.Adam(params, lr=1e-2, backend="triton", state_dtype=torch.bfloat16)
+
+    def run(params, opt, steps):
+        for step in steps:
+            for p, g in zip(params, _grads(step, device)):
+                p.grad = g
+            opt.step()
+
+    full = _params(device)
+    full_opt = make(full)
+    run(full, full_opt, range(6))
+    part = _params(device)
+    part_opt = make(part)
+    run(part, part_opt, range(3))
+    torch.save({"params": [p.detach() for p in part], "opt": part_opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt")
+    resumed = [p.detach().clone().requires_grad_() for p in saved["params"]]
+    opt = make(resumed)
+    opt.load_state_dict(saved["opt"])
+    run(resumed, opt, range(3, 6))
+    for p, q in zip(full, resumed):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[q][key].dtype == torch.bfloat16
+            assert torch.equal(full_opt.state[p][key], opt.state[q][key]), key
