@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import backends, distributed
+from .device_scalars import DeviceScalars
 from .scalars import StepScalars, rounding_seed, step_scalars
 from .spec import Curvature, Denominator, Spec
 
@@ -102,6 +103,11 @@ def _check_no_overlap(params: list[torch.Tensor]) -> None:
                 )
         if end > reach:
             reach, a = end, b
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``device``."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _step_count(step: Any) -> int | None:
@@ -202,6 +208,7 @@ class _Plan:
         "container",
         "version",
         "scalars",
+        "device_scalars",
     )
 
     def __init__(
@@ -217,6 +224,8 @@ class _Plan:
         self.hvps: list[torch.Tensor] | None = None
         self.version = -1  # optimizer.state's change count when the state lists were taken
         self.scalars: dict[int, StepScalars] = {}  # this step's scalars by step number
+        # capturable groups: (hyperparameters it was made for, DeviceScalars)
+        self.device_scalars: tuple[dict[str, Any], DeviceScalars] | None = None
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -240,6 +249,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         backend: "auto" (fastest available per device and dtype) or one backend's name.
         state_dtype: dtype of the optimizer state (default: the param's dtype, as torch).
         master_weights: keep fp32 copies of fp16/bf16 params and step those.
+        capturable: keep the step count on the device and compute the step's scalars
+            there (from a device tensor lr too), so that ``step()`` can be captured in a
+            CUDA graph and replayed; Triton and CUDA backends only. A group may set its
+            own ``capturable``.
 
     Example::
 
@@ -276,6 +289,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         backend: str = "auto",
         state_dtype: torch.dtype | None = None,
         master_weights: bool = False,
+        capturable: bool = False,
     ) -> None:
         if spec is None:
             raise TypeError("FusedOptimizer needs a spec (see fastopt.presets.spec(name))")
@@ -299,6 +313,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             momentum_decay=momentum_decay,
             lr_decay=lr_decay,
             initial_accumulator_value=initial_accumulator_value,
+            capturable=capturable,
         )
         self._init_options(backend, max_grad_norm, state_dtype, master_weights)
         super().__init__(params, defaults)
@@ -339,11 +354,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Subclass hook: state entries torch keeps beyond the rule's (NAdam's mu_product)."""
 
     def _after_step(
-        self, group: dict[str, Any], states: list[dict[str, Any]], t: int, taken: torch.Tensor | None
+        self,
+        group: dict[str, Any],
+        states: list[dict[str, Any]],
+        t: int,
+        taken: torch.Tensor | None,
+        t_device: torch.Tensor | None = None,
     ) -> None:
         """Subclass hook: update those extra entries after a step at step number t. With a
         device-side found_inf, ``taken`` is a 0-dim bool device tensor (whether the kernels
-        took the step) and the entries live on that device."""
+        took the step) and the entries live on that device. A capturable step gives its step
+        number as the device tensor ``t_device`` (the host's t is not replayed)."""
 
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()
@@ -379,9 +400,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         # the backend choice, the gradient multiplier and the step scalars can fail too: all
         # for every group before any state is created or any group stepped
         ready = [(i, g, p) for i, (g, p) in enumerate(zip(self.param_groups, plans)) if p is not None]
-        for _, _, plan in ready:
+        for i, group, plan in ready:
             if plan.backend is None:
                 plan.backend = backends.choose(self.backend, plan.spec, plan.device, plan.dtype)
+            if group.get("capturable") and plan.backend.name not in _DEVICE_HOOK_BACKENDS:
+                raise ValueError(
+                    f"param group {i}: capturable=True needs the triton or cuda backend (params on a "
+                    f"CUDA device); this group runs on the {plan.backend.name} backend"
+                )
         hooks = self._device_grad_scale([plan for _, _, plan in ready])
         grad_scale = 1.0
         if hooks is None:
@@ -391,15 +417,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 return
         for i, group, plan in ready:
             self._check_scalars(i, group, plan)
-        for _, group, plan in ready:
+        for i, group, plan in ready:
             if plan.state is None:
                 self._materialize(group, plan)
+            if group.get("capturable") and len(plan.buckets) > 1:
+                raise ValueError(
+                    f"param group {i}: capturable=True needs every param of the group at one step "
+                    "count (a loaded checkpoint holds several); step them in separate groups"
+                )
         found_inf = hooks.get("found_inf")
         # device-side counters ('step', NAdam's mu_product) advance only where it is 0
         taken = None if found_inf is None else found_inf.reshape(()) == 0
         for i, group, plan in ready:
             self._run_group(i, group, plan, grad_scale, hooks, taken)
-        if found_inf is not None:
+        if found_inf is not None and not _capturing(found_inf.device):
             # the kernels skipped the step if found_inf was set; whether they did is read on
             # the host when it is next needed, by then without a wait
             self._await_skip(found_inf, [plan for _, _, plan in ready])
@@ -417,9 +448,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             steps = {bucket.t + 1 for bucket in plan.buckets}
         hyper = self.group_hyper(group)
         plan.scalars = {}
+        lr = group["lr"]
+        if group.get("capturable") and isinstance(lr, torch.Tensor):
+            lr = 1.0  # read on the device (a host read would sync); it is checked >= 0 when set
         for t in steps:
             try:
-                plan.scalars[t] = step_scalars(plan.spec, hyper, t, lr=float(group["lr"]))
+                plan.scalars[t] = step_scalars(plan.spec, hyper, t, lr=float(lr))
             except (ArithmeticError, ValueError) as exc:  # mu = 1 under bias correction: 0 / 0
                 raise ValueError(
                     f"param group {index}: its hyperparameters define no step {t} of "
@@ -581,7 +615,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Put back the host step counts of the last step if its found_inf was set (the wait,
         if any, is for a step issued before everything queued since)."""
         pending = getattr(self, "_skip_pending", None)
-        if pending is None:
+        if pending is None or (pending[1] is not None and _capturing(pending[0].device)):
             return
         self._skip_pending = None
         host, event, stepped = pending
@@ -610,6 +644,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._materialize(group, plan)
         spec = plan.spec
         hooked = plan.backend.name in _DEVICE_HOOK_BACKENDS
+        capturable = bool(group.get("capturable")) and hooked and plan.steps is not None
         for bucket in plan.buckets:
             scalars = plan.scalars.get(bucket.t + 1)  # computed by _check_scalars this step
             if scalars is None:
@@ -626,14 +661,38 @@ class FusedOptimizer(torch.optim.Optimizer):
                 hvps = None if plan.hvps is None else [plan.hvps[i] for i in idx]
                 state = {role: [ts[i] for i in idx] for role, ts in plan.state.items()}
                 states = [plan.states[i] for i in idx]
-            options = {}
-            if hooked:  # the seed makes a resumed run round bf16 state as the original did
+            options: dict[str, Any] = {}
+            t_device = None
+            if capturable:
+                # the step count advances on the device first; the scalars are computed
+                # there from it, the rounding seed too (a replayed graph reads them anew)
+                device_scalars = self._device_scalars(index, group, plan)
+                plan.steps.add_(1.0)
+                t_device = plan.steps[0]
+                options = dict(hooks, scalars_tensor=device_scalars.compute(t_device, group["lr"]))
+                if grad_scale != 1.0:  # the host path's multiplier (DTensor clipping)
+                    options["grad_scale_ptr"] = torch.full((1,), grad_scale, device=plan.device)
+            elif hooked:  # the seed makes a resumed run round bf16 state as the original did
                 options = dict(hooks, seed=rounding_seed(bucket.t + 1, index))
             self._launch(plan.backend, spec, scalars, params, grads, hvps, state, options)
             bucket.t += 1
-            self._after_step(group, states, bucket.t, taken)
-        if plan.steps is not None:  # every param's 'step' is a view of this one buffer
+            self._after_step(group, states, bucket.t, taken, t_device)
+        if capturable:
+            if taken is not None:
+                plan.steps.sub_(taken.logical_not().to(plan.steps.dtype))
+        elif plan.steps is not None:  # every param's 'step' is a view of this one buffer
             plan.steps.add_(1.0 if taken is None else taken)
+
+    def _device_scalars(self, index: int, group: dict[str, Any], plan: _Plan) -> DeviceScalars:
+        """The capturable group's device-side scalars, made anew when its hyperparameters
+        (other than lr, which is read at every step) change."""
+        hyper = {k: v for k, v in self.group_hyper(group).items() if k != "lr"}
+        made = plan.device_scalars
+        if made is None or made[0] != hyper:
+            # the device's step count is the truth (the host's may lag after replays)
+            start = int(float(plan.steps[0])) if plan.steps is not None else plan.buckets[0].t
+            made = plan.device_scalars = (hyper, DeviceScalars(plan.spec, hyper, plan.device, index, start))
+        return made[1]
 
     def _launch(
         self,

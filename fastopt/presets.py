@@ -353,15 +353,21 @@ class NAdam(_AdamFamily):
         if "mu_product" not in state:
             state["mu_product"] = torch.ones((), dtype=torch.float32)
 
-    def _after_step(self, group, states, t, taken) -> None:
-        b1 = float(group["betas"][0])
-        mu_t = nadam_mu(t, b1, float(group["momentum_decay"]))
+    def _after_step(self, group, states, t, taken, t_device=None) -> None:
+        b1, psi = float(group["betas"][0]), float(group["momentum_decay"])
         products = [st["mu_product"] for st in states]
-        if taken is None:
-            torch._foreach_mul_(products, mu_t)
-        elif products:  # a factor of 1 where found_inf skipped the step (rounded like mu_t)
-            factor = torch.where(taken, mu_t, 1.0)
-            torch._foreach_mul_(products, factor)
+        if not products:
+            return
+        if t_device is not None:  # capturable: mu_t from the device's step count
+            mu = b1 * (1.0 - 0.5 * torch.pow(0.96, t_device.to(products[0].dtype) * psi))
+        elif taken is not None:
+            mu = torch.full((), nadam_mu(t, b1, psi), dtype=products[0].dtype, device=taken.device)
+        else:
+            torch._foreach_mul_(products, nadam_mu(t, b1, psi))
+            return
+        if taken is not None:  # a factor of 1 where found_inf skipped the step
+            mu = torch.where(taken, mu, 1.0)
+        torch._foreach_mul_(products, mu)
 
 
 class RAdam(_AdamFamily):
