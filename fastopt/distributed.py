@@ -74,6 +74,11 @@ def local_tensors(
     dtensor = _dtensor_cls()
     if dtensor is None:  # no DTensor can exist: nothing to unwrap
         return params, grads, hvps, state
+    # the usual case, no DTensor anywhere, seen from the few distinct types alone
+    lists = [params, grads, *state.values()] if hvps is None else [params, grads, hvps, *state.values()]
+    types = set().union(*(map(type, ts) for ts in lists))
+    if not any(issubclass(tp, dtensor) for tp in types):
+        return params, grads, hvps, state
     local_params = [p._local_tensor if isinstance(p, dtensor) else p for p in params]
     local_grads = _follow(params, grads, dtensor, "the gradient", True)
     local_hvps = None if hvps is None else _follow(params, hvps, dtensor, "the Hessian-vector product", True)

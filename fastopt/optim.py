@@ -9,6 +9,7 @@ checkpoints move between the two.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -39,6 +40,9 @@ _BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
 _DEVICE_HOOK_BACKENDS = ("triton", "cuda")
 
 
+_layout, _dtype, _device, _shape = (operator.attrgetter(a) for a in ("layout", "dtype", "device", "shape"))
+
+
 def check(condition: bool, message: str) -> None:
     """Raise ValueError(message) unless ``condition`` (torch.optim's wording is kept)."""
     if not condition:
@@ -46,7 +50,7 @@ def check(condition: bool, message: str) -> None:
 
 
 def _same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def _extent(t: torch.Tensor) -> int:
@@ -209,12 +213,14 @@ class _Plan:
         "version",
         "scalars",
         "device_scalars",
+        "shapes",
     )
 
     def __init__(
         self, spec: Spec, params: list[torch.Tensor], device: torch.device, dtype: torch.dtype
     ) -> None:
         self.spec, self.params, self.device, self.dtype = spec, params, device, dtype
+        self.shapes = [p.shape for p in params]  # what each gradient must match
         self.state: dict[str, list[torch.Tensor]] | None = None  # created at the first run
         self.states: list[dict[str, Any]] = []
         self.steps: torch.Tensor | None = None
@@ -513,6 +519,14 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_grads(self, plan: _Plan, grads: list[torch.Tensor]) -> None:
         dtype, device, strided = plan.dtype, plan.device, torch.strided
+        # the usual case in a few C-level passes; the loop below finds what is wrong
+        if (
+            set(map(_layout, grads)) == {strided}
+            and set(map(_dtype, grads)) == {dtype}
+            and set(map(_device, grads)) == {device}
+            and list(map(_shape, grads)) == plan.shapes
+        ):
+            return
         for p, g in zip(plan.params, grads):
             if g.layout is not strided or g.dtype is not dtype or g.shape != p.shape or g.device != device:
                 if g.is_sparse:
