@@ -40,3 +40,20 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(params=["interpreted", pytest.param("cuda", marks=pytest.mark.gpu)])
+def triton_device(request):
+    """The device of a test of the optimizer layer on the GPU backends: a CUDA GPU where
+    one is present, else the CPU under Triton's interpreter (how CI runs the kernels)."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        yield torch.device("cuda")
+        return
+    if torch.cuda.is_available():
+        pytest.skip("interpreted cases run where no GPU is present (CI)")
+    from test_reliability_hostile import triton_interpreter
+
+    with triton_interpreter():
+        yield torch.device("cpu")

@@ -51,3 +51,18 @@ def max_rel_err(ours: list[np.ndarray], ref: list[np.ndarray]) -> float:
     return max(
         (float(np.max(np.abs(a - b) / (1.0 + np.abs(b)))) if a.size else 0.0) for a, b in zip(ours, ref)
     )
+
+
+SMALL_SHAPES = [(3,), (130,), (17, 15), (1,)]  # uneven sizes, a 2-D and a one-element tensor
+
+
+def small_params(device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """Leaf params of SMALL_SHAPES, the same values for the same seed on every device."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(device).requires_grad_() for s in SMALL_SHAPES]
+
+
+def small_grads(step: int, device: torch.device, scale: float = 1.0) -> list[torch.Tensor]:
+    """Gradients of SMALL_SHAPES for a step number (reproducible across runs)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    return [(torch.randn(s, generator=gen) * scale).to(device) for s in SMALL_SHAPES]

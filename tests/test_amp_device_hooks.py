@@ -19,49 +19,29 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import small_grads, small_params
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopt
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 TOL = dict(rtol=2e-5, atol=2e-6)
-SIZES = [(3,), (130,), (17, 15), (1,)]
 
 
-@pytest.fixture(params=["interpreted", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request):
-    if request.param == "cuda":
-        if not HAS_CUDA:
-            pytest.skip("needs a CUDA GPU")
-        yield torch.device("cuda")
-        return
-    if HAS_CUDA:
-        pytest.skip("interpreted cases run where no GPU is present (CI)")
-    from test_reliability_hostile import triton_interpreter
-
-    with triton_interpreter():
-        yield torch.device("cpu")
-
-
-def _params(device: torch.device, seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(device).requires_grad_() for s in SIZES]
-
-
-def _grads(step: int, device: torch.device, scale: float = 1.0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(100 + step)
-    return [(torch.randn(s, generator=gen) * scale).to(device) for s in SIZES]
+@pytest.fixture
+def device(triton_device):
+    """CUDA, or the CPU under Triton's interpreter (tests/conftest.py)."""
+    return triton_device
 
 
 def _run(cls, backend, device, flags, scale=1024.0, **kw):
     """Steps with the given found_inf flags, gradients scaled by ``scale`` and the scale
     lent to the optimizer as a GradScaler does (grad_scale, found_inf attributes)."""
-    params = _params(device)
+    params = small_params(device)
     opt = cls(params, backend=backend, **kw)
     for step, flag in enumerate(flags):
-        for p, g in zip(params, _grads(step, device, scale)):
+        for p, g in zip(params, small_grads(step, device, scale)):
             p.grad = g
         opt.grad_scale = torch.full((1,), scale, device=device)
         opt.found_inf = torch.full((1,), float(flag), device=device)
@@ -103,7 +83,7 @@ def test_skipped_steps_match_the_host_path(device, cls):
     assert all(int(s["step"]) == taken for s in opt.state_dict()["state"].values())
     # the host's own count is right for the next step's scalars: one more step still agrees
     for params, o in ((ours, opt), (theirs, ref)):
-        for p, g in zip(params, _grads(99, device)):
+        for p, g in zip(params, small_grads(99, device)):
             p.grad = g
         o.step()
     for a, b in zip(ours, theirs):
@@ -113,10 +93,10 @@ def test_skipped_steps_match_the_host_path(device, cls):
 def test_step_reads_nothing_on_the_host(device):
     """No value is read on the host during a step with a GradScaler's tensors and clipping;
     the next step reads the previous found_inf once, from its host copy."""
-    params = _params(device)
+    params = small_params(device)
     opt = fastopt.AdamW(params, lr=1e-2, backend="triton", max_grad_norm=0.5)
     for step in range(3):
-        for p, g in zip(params, _grads(step, device, 8.0)):
+        for p, g in zip(params, small_grads(step, device, 8.0)):
             p.grad = g
         opt.grad_scale = torch.full((1,), 8.0, device=device)
         opt.found_inf = torch.zeros(1, device=device)
@@ -125,7 +105,7 @@ def test_step_reads_nothing_on_the_host(device):
         # the first step builds the plan, reading each param's saved step count (none yet)
         assert mode.reads == (0 if step == 0 else 1), (step, mode.reads)
     # the host path reads found_inf and the scale: the counter sees it
-    ref = fastopt.AdamW(_params(device), lr=1e-2, backend="torch")
+    ref = fastopt.AdamW(small_params(device), lr=1e-2, backend="torch")
     for p in ref.param_groups[0]["params"]:
         p.grad = torch.ones_like(p)
     ref.grad_scale, ref.found_inf = torch.full((1,), 8.0, device=device), torch.zeros(1, device=device)
@@ -139,11 +119,11 @@ def test_step_reads_nothing_on_the_host(device):
 def test_device_clipping_matches_clip_grad_norm(device, scale):
     """max_grad_norm on the device path equals clip_grad_norm_ (on the unscaled gradients)
     followed by the unclipped torch.optim.Adam."""
-    ours, theirs = _params(device), _params(device)
+    ours, theirs = small_params(device), small_params(device)
     opt = fastopt.Adam(ours, lr=1e-2, backend="triton", max_grad_norm=0.3)
     ref = torch.optim.Adam(theirs, lr=1e-2)
     for step in range(4):
-        grads = _grads(step, device)
+        grads = small_grads(step, device)
         for p, q, g in zip(ours, theirs, grads):
             p.grad = g * scale if scale else g.clone()
             q.grad = g.clone()
@@ -162,10 +142,10 @@ def test_device_clipping_matches_clip_grad_norm(device, scale):
 def test_non_finite_norm_poisons_like_clip_grad_norm(device):
     """An inf gradient without a scaler: clip_grad_norm_ multiplies by max/(inf) = 0 and
     the inf itself stays: the params become nan where torch's do."""
-    ours, theirs = _params(device), _params(device)
+    ours, theirs = small_params(device), small_params(device)
     opt = fastopt.SGD(ours, lr=0.1, backend="triton", max_grad_norm=1.0)
     ref = torch.optim.SGD(theirs, lr=0.1)
-    for p, q, g in zip(ours, theirs, _grads(0, device)):
+    for p, q, g in zip(ours, theirs, small_grads(0, device)):
         g[0] = float("inf")
         p.grad, q.grad = g.clone(), g.clone()
     opt.step()
@@ -211,14 +191,14 @@ def test_bf16_state_resumes_bit_identically(device, tmp_path):
 
     def run(params, opt, steps):
         for step in steps:
-            for p, g in zip(params, _grads(step, device)):
+            for p, g in zip(params, small_grads(step, device)):
                 p.grad = g
             opt.step()
 
-    full = _params(device)
+    full = small_params(device)
     full_opt = make(full)
     run(full, full_opt, range(6))
-    part = _params(device)
+    part = small_params(device)
     part_opt = make(part)
     run(part, part_opt, range(3))
     torch.save({"params": [p.detach() for p in part], "opt": part_opt.state_dict()}, tmp_path / "ckpt.pt")

@@ -17,6 +17,7 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import small_grads, small_params
 
 import fastopt
 from fastopt import presets
@@ -26,32 +27,12 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 TOL = dict(rtol=2e-5, atol=2e-6)
-SIZES = [(3,), (130,), (17, 15), (1,)]
 
 
-@pytest.fixture(params=["interpreted", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request):
-    if request.param == "cuda":
-        if not HAS_CUDA:
-            pytest.skip("needs a CUDA GPU")
-        yield torch.device("cuda")
-        return
-    if HAS_CUDA:
-        pytest.skip("interpreted cases run where no GPU is present (CI)")
-    from test_reliability_hostile import triton_interpreter
-
-    with triton_interpreter():
-        yield torch.device("cpu")
-
-
-def _params(device: torch.device) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=gen).to(device).requires_grad_() for s in SIZES]
-
-
-def _grads(step: int, device: torch.device) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(s, generator=gen).to(device) for s in SIZES]
+@pytest.fixture
+def device(triton_device):
+    """CUDA, or the CPU under Triton's interpreter (tests/conftest.py)."""
+    return triton_device
 
 
 # (id, constructor, options): torch twins and family members whose scalars depend on t in
@@ -97,10 +78,10 @@ def _make(case, params, **kw):
 
 
 def _run(case, device, steps, flags=None, **kw):
-    params = _params(device)
+    params = small_params(device)
     opt = _make(case, params, **kw)
     for step in range(steps):
-        for p, g in zip(params, _grads(step, device)):
+        for p, g in zip(params, small_grads(step, device)):
             p.grad = g
         if flags is not None:
             opt.found_inf = torch.full((1,), float(flags[step]), device=device)
@@ -128,12 +109,12 @@ def test_tensor_lr_is_read_on_the_device(device):
     """A device tensor lr changed in place between steps (as a captured graph would see it)
     steps like a float lr changed by hand."""
     lr = torch.tensor(1e-2, device=device)
-    ours, theirs = _params(device), _params(device)
+    ours, theirs = small_params(device), small_params(device)
     opt = fastopt.Adam(ours, lr=lr, backend="triton", capturable=True)
     ref = fastopt.Adam(theirs, lr=1e-2, backend="torch")
     for step in range(4):
         for params in (ours, theirs):
-            for p, g in zip(params, _grads(step, device)):
+            for p, g in zip(params, small_grads(step, device)):
                 p.grad = g
         opt.step()
         ref.step()
@@ -152,12 +133,12 @@ def test_checkpoint_moves_between_capturable_and_eager(device):
     eager = _make(case, params, backend="triton")
     eager.load_state_dict(opt.state_dict())
     for step in range(3, 5):
-        for p, g in zip(params, _grads(step, device)):
+        for p, g in zip(params, small_grads(step, device)):
             p.grad = g
         eager.step()
     again = _make(case, params, backend="triton", capturable=True)
     again.load_state_dict(eager.state_dict())
-    for p, g in zip(params, _grads(5, device)):
+    for p, g in zip(params, small_grads(5, device)):
         p.grad = g
     again.step()
     for p, q in zip(full, params):
@@ -186,7 +167,7 @@ def test_cuda_graph_replays_the_step(backend, case):
         pytest.skip(f"{backend}: {fastopt.backends.unavailable_reason(backend)}")
     device = torch.device("cuda")
     flags = [0, 0, 0, 1, 0, 0, 0, 0]
-    ours = _params(device)
+    ours = small_params(device)
     opt = _make(case, ours, backend=backend, capturable=True)
     found_inf = torch.zeros(1, device=device)
     static = [torch.zeros_like(p) for p in ours]
@@ -196,7 +177,7 @@ def test_cuda_graph_replays_the_step(backend, case):
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up steps: plans, state, compiled kernels
         for step in range(2):
-            torch._foreach_copy_(static, _grads(step, device))
+            torch._foreach_copy_(static, small_grads(step, device))
             opt.found_inf = found_inf
             opt.step()
     torch.cuda.current_stream().wait_stream(stream)
@@ -205,7 +186,7 @@ def test_cuda_graph_replays_the_step(backend, case):
         opt.found_inf = found_inf
         opt.step()
     for step in range(2, 8):
-        torch._foreach_copy_(static, _grads(step, device))
+        torch._foreach_copy_(static, small_grads(step, device))
         found_inf.fill_(flags[step])
         graph.replay()
     torch.cuda.synchronize()
