@@ -39,7 +39,10 @@ tests)
         --deselect tests/test_cuda_backend.py::test_cuda_sources_compile 2>&1 | tee "$out/gpu_tests.log"
     ;;
 bench)
-    timeout 500 python3 -m bench.gpu_throughput --out bench/results 2>&1 | tee "$out/bench.log"
+    # the sets and experiments that fit one call (the 1B set and the layout experiment:
+    # python3 -m bench.gpu_throughput --sets gpt2-1B --experiments layout)
+    timeout 520 python3 -m bench.gpu_throughput --out bench/results \
+        --sets 64M,1000x64k,resnet50,gpt2-small --experiments tiny 2>&1 | tee "$out/bench.log"
     cp bench/results/throughput_cuda_* "$out/" 2>/dev/null || true
     ;;
 *)
