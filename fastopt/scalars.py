@@ -10,12 +10,23 @@ the uncorrected decaying mean) and the schedule's correction is a scale applied 
 value is used. Dozat's scheduled form (mu_t = mu (1 - mu^(t-1)) / (1 - mu^t) applied to a
 corrected mean) is algebraically the same; ``fastopt/reference.py`` implements that form,
 so the two are checked against each other.
+
+The formulas are written once, for a step ``t`` that is either an int (:func:`step_scalars`,
+on the host, in Python's float64 arithmetic) or a 0-dim float64 tensor
+(:class:`fastopt.device_scalars.DeviceScalars`: capturable steps keep t on the device, where
+reading it back would synchronize). Arithmetic operators and ``**`` serve both as they are;
+the few functions that do not (sqrt, floor, log2, min, a condition on t) go through the
+helpers below, which take math's function for a float and torch's for a tensor. A condition
+on t is therefore a :func:`_where` (both sides computed on the device), never an ``if``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
+
+import torch
 
 from .spec import Accumulation, Denominator, Extra, Momentum, Norm, Schedule, Spec, WeightDecay
 
@@ -47,14 +58,46 @@ class StepScalars(NamedTuple):
     use_denominator: bool  # False during RAdam's unrectified first steps
 
 
-def increasing_mu(t: int, mu_max: float) -> float:
+Value = float | torch.Tensor  # a Python float (host) or a 0-dim float64 tensor (device)
+NadamProduct = Callable[[Value, Value], Value]  # (t, mu_t) -> prod_{i <= t} mu_i
+
+
+def _unary(host: Callable[[Any], Any], device: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda x: device(x) if isinstance(x, torch.Tensor) else host(x)
+
+
+_sqrt = _unary(math.sqrt, torch.sqrt)
+_floor = _unary(math.floor, torch.floor)
+_log2 = _unary(math.log2, torch.log2)
+
+
+def _minimum(x: Value, cap: float) -> Value:
+    return torch.clamp(x, max=cap) if isinstance(x, torch.Tensor) else min(x, cap)
+
+
+def _where(cond: bool | torch.Tensor, a: Value, b: Value) -> Value:
+    """``a if cond else b``. On the device both are computed, so the unselected one must be
+    harmless (no NaN: it would still trip anomaly checks)."""
+    if not isinstance(cond, torch.Tensor):
+        return a if cond else b
+    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+        a = torch.full_like(cond, a, dtype=torch.float64)  # torch.where of two floats is float32
+    return torch.where(cond, a, b)
+
+
+def increasing_mu(t: Value, mu_max: float) -> Value:
     """Sutskever et al.'s schedule: 1 - 2^(-1 - log2(floor(t / 250) + 1)), capped."""
-    return min(1.0 - 2.0 ** (-1.0 - math.log2(math.floor(t / 250) + 1)), mu_max)
+    return _minimum(1.0 - 2.0 ** (-1.0 - _log2(_floor(t / 250) + 1)), mu_max)
 
 
-def nadam_mu(t: int, beta1: float, momentum_decay: float) -> float:
+def nadam_mu(t: Value, beta1: float, momentum_decay: float) -> Value:
     """torch.optim.NAdam's momentum at step t."""
     return beta1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
+
+
+def nadam_hyper(h: dict[str, Any]) -> tuple[float, float]:
+    """NAdam's (beta1, momentum_decay) from a param group's hyperparameters."""
+    return float(h["mu"]), float(h.get("momentum_decay", 4e-3))
 
 
 # (beta1, momentum_decay) -> (t, product up to t): steps ask for t, t + 1, ... in turn
@@ -79,7 +122,9 @@ def nadam_mu_product(t: int, beta1: float, momentum_decay: float) -> float:
     return prod
 
 
-def _momentum_coefficients(spec: Spec, h: dict[str, Any], t: int) -> tuple[float, float, float, float]:
+def _momentum_coefficients(
+    spec: Spec, h: dict[str, Any], t: Value, nadam_product: NadamProduct
+) -> tuple[Value, Value, Value, Value]:
     """(m_decay, m_weight, m_out, g_out) for step t >= 1."""
     if spec.momentum == Momentum.NONE:
         return 0.0, 0.0, 0.0, 0.0
@@ -91,7 +136,7 @@ def _momentum_coefficients(spec: Spec, h: dict[str, Any], t: int) -> tuple[float
         mu_t = increasing_mu(t, cap) if sched == Schedule.INCREASING else mu
         mu_next = increasing_mu(t + 1, cap) if sched == Schedule.INCREASING else mu
         # torch.optim.SGD starts the buffer at the first gradient, undamped.
-        weight = 1.0 if t == 1 else 1.0 - float(h.get("dampening", 0.0))
+        weight = _where(t == 1, 1.0, 1.0 - float(h.get("dampening", 0.0)))
         return mu_t, weight, (mu_next if nesterov else 1.0), (1.0 if nesterov else 0.0)
     if sched == Schedule.CONSTANT:
         return mu, 1.0 - mu, (mu if nesterov else 1.0), ((1.0 - mu) if nesterov else 0.0)
@@ -111,14 +156,14 @@ def _momentum_coefficients(spec: Spec, h: dict[str, Any], t: int) -> tuple[float
         mu_t, mu_next = increasing_mu(t, mu_max), increasing_mu(t + 1, mu_max)
         return mu_t, 1.0 - mu_t, (mu_next if nesterov else 1.0), ((1.0 - mu_t) if nesterov else 0.0)
     if sched == Schedule.NADAM:
-        psi = float(h.get("momentum_decay", 4e-3))
+        mu, psi = nadam_hyper(h)
         mu_t, mu_next = nadam_mu(t, mu, psi), nadam_mu(t + 1, mu, psi)
-        prod_t = nadam_mu_product(t, mu, psi)
+        prod_t = nadam_product(t, mu_t)
         return mu, 1.0 - mu, mu_next / (1.0 - prod_t * mu_next), (1.0 - mu_t) / (1.0 - prod_t)
     raise AssertionError(sched)
 
 
-def _denominator_coefficients(spec: Spec, h: dict[str, Any], t: int) -> tuple[float, float, float]:
+def _denominator_coefficients(spec: Spec, h: dict[str, Any], t: Value) -> tuple[Value, Value, Value]:
     """(v_decay, v_weight, v_scale) for step t >= 1."""
     if spec.denominator == Denominator.NONE:
         return 0.0, 0.0, 1.0
@@ -128,6 +173,7 @@ def _denominator_coefficients(spec: Spec, h: dict[str, Any], t: int) -> tuple[fl
     sched = spec.nu_schedule
     if spec.norm == Norm.LINF:
         # running max: v = max(nu_t v, |h|) with the scheduled nu_t itself, nothing to rescale
+        nu_t: Value
         if sched == Schedule.CONSTANT:
             nu_t = nu
         elif sched == Schedule.BIAS_CORRECTION:
@@ -149,41 +195,47 @@ def _denominator_coefficients(spec: Spec, h: dict[str, Any], t: int) -> tuple[fl
     raise AssertionError(sched)
 
 
-def radam_rectification(t: int, beta2: float) -> float | None:
-    """RAdam's rectification term r_t, or None while rho_t <= 5 (no adaptive lr yet)."""
-    rho_inf = 2.0 / (1.0 - beta2) - 1.0
-    rho_t = rho_inf - 2.0 * t * beta2**t / (1.0 - beta2**t)
-    if rho_t <= 5.0:
-        return None
-    return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+def radam_rectification(t: Value, beta2: float) -> tuple[Value, bool | torch.Tensor]:
+    """(r_t, rho_t > 5): RAdam's rectification term, 1 while rho_t <= 5 (no adaptive lr yet).
 
-
-def step_scalars(spec: Spec, h: dict[str, Any], t: int, lr: float | None = None) -> StepScalars:
-    """The scalars of step ``t`` (1-based) for a param group's hyperparameters ``h``.
-
-    ``h`` uses fastopt's generic names: lr, mu, nu, eps, weight_decay, dampening,
-    mu_max, nu_max, momentum_decay, lr_decay. ``lr`` overrides ``h['lr']``.
+    r_t is computed from rho_t = 6 in place of a rho_t <= 5, so that the side a device
+    evaluation computes without selecting it takes no sqrt of a negative. rho_t < rho_inf,
+    so with rho_inf <= 5 no step is ever rectified (and rho_inf - 4 may be 0).
     """
-    if t < 1:
-        raise ValueError(f"step must be >= 1, got {t}")
-    base_lr = float(h["lr"] if lr is None else lr)
-    lr_t = base_lr / (1.0 + (t - 1) * float(h.get("lr_decay", 0.0)))
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    if rho_inf <= 5.0:
+        return 1.0, False
+    beta2_t = beta2**t
+    rho_t = rho_inf - 2.0 * t * beta2_t / (1.0 - beta2_t)
+    rectified = rho_t > 5.0
+    rho = _where(rectified, rho_t, 6.0)
+    rect = _sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+    return _where(rectified, rect, 1.0), rectified
+
+
+def scalars_for(
+    spec: Spec, h: dict[str, Any], t: Value, lr: Value, nadam_product: NadamProduct
+) -> StepScalars:
+    """The scalars of step ``t`` by the formulas both evaluators share (see the module's
+    docstring). ``lr``: the base lr; ``nadam_product``: NAdam's momentum product up to t,
+    which each evaluator keeps its own way. With a tensor ``t`` the fields are tensors or
+    host floats, ``use_denominator`` a bool or a bool tensor."""
+    lr_t = lr / (1.0 + (t - 1) * float(h.get("lr_decay", 0.0)))
     wd = float(h.get("weight_decay", 0.0))
-    m_decay, m_weight, m_out, g_out = _momentum_coefficients(spec, h, t)
+    m_decay, m_weight, m_out, g_out = _momentum_coefficients(spec, h, t, nadam_product)
     v_decay, v_weight, v_scale = _denominator_coefficients(spec, h, t)
     eps = float(h.get("eps", 0.0))
     use_denominator = spec.denominator != Denominator.NONE
     if spec.extra == Extra.RADAM:
-        rect = radam_rectification(t, float(h["nu"]))
-        use_denominator = rect is not None
+        rect, use_denominator = radam_rectification(t, float(h["nu"]))
         # torch: lr * m_hat * r_t * sqrt(1 - nu^t) / (sqrt(v) + eps), i.e. eps is scaled too
-        eps = eps * math.sqrt(v_scale)
-        lr_t = lr_t * (rect if rect is not None else 1.0)
+        eps = eps * _sqrt(v_scale)
+        lr_t = lr_t * rect
     decoupled = spec.weight_decay == WeightDecay.DECOUPLED
     return StepScalars(
         lr=lr_t,
         weight_decay=0.0 if decoupled else wd,
-        decay_factor=1.0 - base_lr * wd if decoupled else 1.0,
+        decay_factor=1.0 - lr * wd if decoupled else 1.0,
         grad_scale=1.0,
         m_decay=m_decay,
         m_weight=m_weight,
@@ -197,13 +249,27 @@ def step_scalars(spec: Spec, h: dict[str, Any], t: int, lr: float | None = None)
     )
 
 
+def step_scalars(spec: Spec, h: dict[str, Any], t: int, lr: float | None = None) -> StepScalars:
+    """The scalars of step ``t`` (1-based) for a param group's hyperparameters ``h``.
+
+    ``h`` uses fastopt's generic names: lr, mu, nu, eps, weight_decay, dampening,
+    mu_max, nu_max, momentum_decay, lr_decay. ``lr`` overrides ``h['lr']``.
+    """
+    if t < 1:
+        raise ValueError(f"step must be >= 1, got {t}")
+    base_lr = float(h["lr"] if lr is None else lr)
+    return scalars_for(spec, h, t, base_lr, lambda t, mu_t: nadam_mu_product(t, *nadam_hyper(h)))
+
+
 _SEED_MODULUS = 1 << 31
 
 
-def rounding_seed(t: int, salt: int = 0) -> int:
+def rounding_seed(t: int | torch.Tensor, salt: int = 0) -> int | torch.Tensor:
     """The stochastic-rounding seed of step ``t`` of the tensors identified by ``salt`` (the
     param group's index): a function of the step, so a run resumed from a checkpoint draws
     the same rounding as the run that wrote it. Distinct steps get well-spread seeds (a
-    Weyl sequence). Integer arithmetic only, so a device computation of the same formula in
-    int64 gives the same seed."""
-    return (t * 0x9E3779B1 + salt * 0x7F4A7C15 + 1) % _SEED_MODULUS
+    Weyl sequence): (t * 0x9E3779B1 + salt * 0x7F4A7C15 + 1) mod 2^31, in integer arithmetic
+    only. Each term is reduced mod 2^31 first (the same residues), so that ``t`` may also be
+    an int64 device tensor: no product there reaches int64 overflow."""
+    m = _SEED_MODULUS
+    return (t % m * (0x9E3779B1 % m) + (salt * 0x7F4A7C15 + 1) % m) % m
