@@ -548,6 +548,56 @@ def test_stochastic_rounding_is_unbiased(tb, device):
     assert abs(means[True] - x) < 5 * sigma
 
 
+def test_stochastic_rounding_of_two_tensors_is_independent(tb, device):
+    """Two tensors of one launch draw independent rounding bits, also at the element pairs
+    where mixing offset and tensor index into one word (o ^ t * C, the kernel's earlier
+    key) made them equal: element o of tensor 0 and element o ^ D of tensor 179, with
+    D = 179 * C mod 2**32. A hand-built table places a 128-element chunk of each tensor at
+    those offsets (on small real buffers, as test_int64_offsets does). m = g exactly, a
+    quarter of a bf16 step above 1: each element rounds up with probability 1/4, so a pair
+    agrees with probability 0.625 (standard deviation 0.043 over the interpreter's 128
+    pairs); the old key made every pair agree."""
+    cfg = tb.launch_config()
+    n, other = cfg["chunk"], 179  # one chunk (a power of two) per tensor
+    d = (other * 0x297A2D39) % 2**32
+    starts = {0: 0, other: d & ~(n - 1)}  # chunk-aligned; o ^ d lands in the second one
+    spec = Spec(momentum=Momentum.CLASSICAL, momentum_accumulation=Accumulation.SUM)
+    x = 1.0 + 0.25 * 2**-7
+    bufs = {
+        t: (torch.zeros(n, device=device), torch.full((n,), x, device=device),
+            torch.zeros(n, dtype=torch.bfloat16, device=device))
+        for t in starts
+    }  # fmt: skip
+    ptrs = [[0, 0, 0] for _ in range(other + 1)]
+    sizes = [0] * (other + 1)
+    for t, start in starts.items():
+        ptrs[t] = [b.data_ptr() - start * b.element_size() for b in bufs[t]]
+        sizes[t] = start + n
+    chunks = [v for t, start in starts.items() for v in (t, start)]
+    buf = torch.tensor([v for row in ptrs for v in row] + sizes + chunks, dtype=torch.int64, device=device)
+
+    class Table:
+        pass
+
+    table = Table()
+    na = 3
+    table.buf, table.ptrs = buf, buf[: na * (other + 1)]
+    table.sizes = buf[na * (other + 1) : (na + 1) * (other + 1)]
+    table.chunks = buf[(na + 1) * (other + 1) :]
+    table.packed_ids = table.packed_offs = buf
+    table.n_chunks = table.n_programs = len(starts)
+    table.n_packed = table.packed_elems = table.search = 0
+    table.aligned = False
+    scalars = step_scalars(spec, dict(lr=1e-3, mu=0.5), 1)
+    dtypes = (torch.float32, torch.float32, torch.bfloat16)
+    tb._launch(table, spec, scalars, na, {"m": 2}, dtypes, True, cfg, None, None, None, seed=12345)
+    up = {t: bufs[t][2].float().cpu() > 1.0 for t in starts}
+    assert 0.05 < up[0].float().mean() < 0.5 and 0.05 < up[other].float().mean() < 0.5  # it rounded
+    pairs = torch.arange(n) ^ (d & (n - 1))  # element i of tensor 0 and its old twin
+    agree = (up[0] == up[other][pairs]).float().mean().item()
+    assert agree < 0.625 + 5 * math.sqrt(0.625 * 0.375 / n), agree
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (a few thousand steps)")
 def test_bf16_state_needs_stochastic_rounding_cuda(tb):

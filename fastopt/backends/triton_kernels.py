@@ -203,9 +203,12 @@ def _block(
         )  # fmt: skip
 
     if SR:
-        # one random word per element and step; each state role takes its own rehash
-        r0 = _hash(offs.to(tl.uint32) ^ (offs >> 32).to(tl.uint32) * 0x2C1B3C6D ^ (t * 0x297A2D39).to(tl.uint32)
-                   ^ seed.to(tl.uint32))  # fmt: skip
+        # one random word per element and step; each state role takes its own rehash. A
+        # key per (seed, tensor) first, the offset mixed in after a hash of its own: XORing
+        # offset and tensor index into one word would give element o of one tensor the bits
+        # of element o ^ D of another, D fixed by the two indices (correlated tensors)
+        key = _hash(seed.to(tl.uint32) ^ (t * 0x297A2D39).to(tl.uint32))
+        r0 = _hash(_hash(offs.to(tl.uint32) ^ key) + ((offs >> 32).to(tl.uint32) * 0x2C1B3C6D ^ key))
         r1 = _hash(r0 ^ 0x68E31DA4)
         r2 = _hash(r0 ^ 0x1B56C4E9)
         r3 = _hash(r0 ^ 0x3F84D5B5)
