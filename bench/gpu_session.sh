@@ -32,7 +32,7 @@ tests)
     # the CUDA cases of every file that has them; CI runs the rest of each file
     timeout 480 python3 -m pytest -q -n 16 -p no:cacheprovider --timeout 300 -rfE \
         --junitxml="$out/gpu_tests.xml" \
-        tests/test_triton_backend.py tests/test_cuda_backend.py tests/test_amp_device_hooks.py \
+        tests/test_triton_backend.py tests/test_cuda_backend.py tests/test_gpu_matrix.py tests/test_amp_device_hooks.py \
         tests/test_capturable.py tests/test_distributed.py tests/test_reliability_hostile.py \
         tests/test_reliability_determinism.py tests/test_reliability_checkpoint.py \
         tests/test_reliability_amp.py tests/test_reliability_scale.py \

@@ -20,31 +20,33 @@ def run_backend_vs_reference(
     backend: str,
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Step a FusedOptimizer and the reference with the same gradients (and H u for HVP
     curvature, fed to both); returns (ours, reference) params as float64 arrays."""
     rng = np.random.default_rng(seed)
     p0 = [rng.standard_normal(s) for s in shapes]
-    params = [torch.tensor(p, dtype=dtype, requires_grad=True) for p in p0]
+    params = [torch.tensor(p, dtype=dtype, device=device, requires_grad=True) for p in p0]
     opt = fastopt.FusedOptimizer(params, spec=spec, backend=backend, **hyper)
     # the reference starts from the same (possibly rounded) values
-    ref = Reference(spec, hyper, [p.detach().double().numpy() for p in params])
+    ref = Reference(spec, hyper, [p.detach().cpu().double().numpy() for p in params])
     for _ in range(steps):
         grads = [rng.standard_normal(s) for s in shapes]
         hvps = [rng.standard_normal(s) for s in shapes] if spec.curvature == Curvature.HVP else None
         for p, g in zip(params, grads):
-            p.grad = torch.tensor(g, dtype=dtype)
+            p.grad = torch.tensor(g, dtype=dtype, device=device)
         if hvps is None:
             opt.step()
         else:
             # feed known H u, bypassing the closure: the closure path is tested in test_api
             _step_with_hvps(opt, params, hvps, dtype)
-        ref.step([g.grad.double().numpy() for g in params] if dtype != torch.float64 else grads, hvps)
-    return [p.detach().double().numpy() for p in params], ref.params
+        rounded = [g.grad.cpu().double().numpy() for g in params]
+        ref.step(rounded if dtype != torch.float64 else grads, hvps)
+    return [p.detach().cpu().double().numpy() for p in params], ref.params
 
 
 def _step_with_hvps(opt, params, hvps, dtype) -> None:
-    opt.step_with_hvps({p: torch.tensor(h, dtype=dtype) for p, h in zip(params, hvps)})
+    opt.step_with_hvps({p: torch.tensor(h, dtype=dtype, device=p.device) for p, h in zip(params, hvps)})
 
 
 def max_rel_err(ours: list[np.ndarray], ref: list[np.ndarray]) -> float:

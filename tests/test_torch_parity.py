@@ -18,14 +18,14 @@ STEPS = 50
 CASES = matrix()
 
 
-def _params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+def _params(dtype: torch.dtype, seed: int = 0, device: torch.device | str = "cpu") -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     shapes = [(4, 3), (5,), (1,), (2, 3, 2)]
-    return [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    return [torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes]
 
 
-def run_pair(info, kw, backend, dtype, steps=STEPS, seed=0):
-    p0 = _params(dtype, seed)
+def run_pair(info, kw, backend, dtype, steps=STEPS, seed=0, device="cpu"):
+    p0 = _params(dtype, seed, device)
     ours = [p.clone().requires_grad_() for p in p0]
     theirs = [p.clone().requires_grad_() for p in p0]
     opt_ours = info.fastopt_cls(ours, **kw, backend=backend)
@@ -33,7 +33,7 @@ def run_pair(info, kw, backend, dtype, steps=STEPS, seed=0):
     gen = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
         for a, b in zip(ours, theirs):
-            g = torch.randn(a.shape, generator=gen, dtype=dtype)
+            g = torch.randn(a.shape, generator=gen, dtype=dtype).to(device)
             a.grad, b.grad = g.clone(), g.clone()
         opt_ours.step()
         opt_theirs.step()
