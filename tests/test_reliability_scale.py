@@ -61,8 +61,8 @@ def test_a_hundred_thousand_tiny_tensors_in_one_group(device, backend):
 
 
 def test_torch_backend_batches_change_no_bit(monkeypatch):
-    """The torch backend steps at most _BATCH elements at a time, slicing bigger tensors:
-    slices and batches must give exactly what one whole step gives."""
+    """The torch backend steps a bounded number of elements at a time, slicing bigger
+    tensors: slices and batches must give exactly what one whole step gives."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(3000,), (7, 300), (5,), (0,), (40, 60)]
 
@@ -78,7 +78,7 @@ def test_torch_backend_batches_change_no_bit(monkeypatch):
 
     gen.manual_seed(0)
     whole = run()
-    monkeypatch.setattr(torch_backend, "_BATCH", 256)
+    monkeypatch.setattr(torch_backend, "_CPU_BATCH_BYTES", 256 * 4)  # 256 fp32 elements
     gen.manual_seed(0)
     sliced = run()
     for a, b in zip(whole, sliced):
