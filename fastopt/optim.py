@@ -41,6 +41,7 @@ _DEVICE_HOOK_BACKENDS = ("triton", "cuda")
 
 
 _layout, _dtype, _device, _shape = (operator.attrgetter(a) for a in ("layout", "dtype", "device", "shape"))
+_is_contiguous = torch.Tensor.is_contiguous
 
 
 def check(condition: bool, message: str) -> None:
@@ -131,11 +132,13 @@ def _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state,
     """Step a backend that needs contiguous tensors: non-contiguous ones (channels-last,
     transposed or sliced views, expanded grads) go through contiguous copies, and the
     params' and state's copies are written back."""
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    if hvps is not None:
+    # (map over the unbound method: no interpreter work per tensor in the usual case)
+    if not all(map(_is_contiguous, grads)):
+        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    if hvps is not None and not all(map(_is_contiguous, hvps)):
         hvps = [h if h.is_contiguous() else h.contiguous() for h in hvps]
     written = [params, *state.values()]
-    if all(t.is_contiguous() for ts in written for t in ts):
+    if all([all(map(_is_contiguous, ts)) for ts in written]):
         backend.step(spec, scalars, params, grads, hvps, state, **options)
         return
     copies = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in written]
