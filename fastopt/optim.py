@@ -632,8 +632,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Put back the host step counts of the last step if its found_inf was set (the wait,
         if any, is for a step issued before everything queued since)."""
         pending = getattr(self, "_skip_pending", None)
-        if pending is None or (pending[1] is not None and _capturing(pending[0].device)):
-            return
+        if pending is None or (pending[1] is not None and torch.cuda.is_current_stream_capturing()):
+            return  # (waiting on an event is not allowed while a CUDA graph is captured)
         self._skip_pending = None
         host, event, stepped = pending
         if event is not None:
