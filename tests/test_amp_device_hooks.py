@@ -212,3 +212,23 @@ def test_bf16_state_resumes_bit_identically(device, tmp_path):
         for key in ("exp_avg", "exp_avg_sq"):
             assert opt.state[q][key].dtype == torch.bfloat16
             assert torch.equal(full_opt.state[p][key], opt.state[q][key]), key
+
+
+def test_no_event_wait_while_a_graph_is_captured(monkeypatch):
+    """The found_inf of the last eager step (warm-up before a CUDA-graph capture) is not
+    waited for while a capture is under way (CUDA forbids it); it is settled afterwards."""
+    params = [torch.zeros(3, requires_grad=True)]
+    opt = fastopt.Adam(params, lr=0.1, backend="torch")
+    waits = []
+
+    class Event:  # stands in for the torch.cuda.Event of a step on a GPU
+        def synchronize(self) -> None:
+            waits.append(1)
+
+    opt._skip_pending = (torch.zeros(1), Event(), [])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    opt._settle_skipped_step()
+    assert waits == [] and opt._skip_pending is not None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    opt._settle_skipped_step()
+    assert waits == [1] and opt._skip_pending is None
