@@ -486,7 +486,9 @@ def run_case(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda where a GPU is present"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller param sets and fewer repeats (~2 min)")
     parser.add_argument("--optimizers", default=",".join(c.name for c in CASES), help="comma-separated")
     parser.add_argument("--param-sets", default=None, help="comma-separated names (default: all of the mode)")
@@ -515,6 +517,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns a process exit code."""
     args = parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available here", file=sys.stderr)

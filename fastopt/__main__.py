@@ -8,7 +8,7 @@ import sys
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m fastopt verify [--stride N] [--steps N]\n"
-              "       python -m fastopt bench [--device cpu|cuda] [--quick] ...  (bench/throughput.py)")  # fmt: skip
+              "       python -m fastopt bench [--device auto|cpu|cuda] [--quick] ...  (bench/throughput.py)")  # fmt: skip
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "verify":
