@@ -15,16 +15,21 @@ backend's separate roundings: 2e-5 relative, as in tests/test_triton_backend.py.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import pytest
 import torch
 from helpers import small_grads, small_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_reliability_hostile import triton_interpreter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopt
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 TOL = dict(rtol=2e-5, atol=2e-6)
 
@@ -232,3 +237,39 @@ def test_no_event_wait_while_a_graph_is_captured(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     opt._settle_skipped_step()
     assert waits == [1] and opt._skip_pending is None
+
+
+CAPTURABLE_TWINS = [
+    fastopt.Adam,
+    fastopt.AdamW,
+    fastopt.NAdam,
+    fastopt.RAdam,
+    fastopt.Adamax,
+    fastopt.RMSprop,
+    fastopt.Adadelta,
+]
+
+
+@settings(max_examples=25 if HAS_CUDA else 12, deadline=None)
+@given(
+    flags=st.lists(st.integers(0, 1), min_size=1, max_size=7),
+    cls=st.sampled_from(CAPTURABLE_TWINS),
+    log2_scale=st.integers(0, 16),
+    clip=st.sampled_from([None, 0.05, 10.0]),
+    capturable=st.booleans(),
+)
+def test_random_scaler_sequences_match_the_host_path(flags, cls, log2_scale, clip, capturable):
+    """Random sequences of skipped and taken steps, loss scales, clipping and capturable:
+    the device path equals the torch backend, which reads everything on the host."""
+    if HAS_CUDA:
+        env, device = contextlib.nullcontext(), torch.device("cuda")
+    else:
+        env, device = triton_interpreter(), torch.device("cpu")
+    kw = dict(lr=1e-2, max_grad_norm=clip)
+    with env:
+        ours, opt = _run(cls, "triton", device, flags, 2.0**log2_scale, capturable=capturable, **kw)
+    theirs, ref = _run(cls, "torch", device, flags, 2.0**log2_scale, **kw)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, **TOL)
+        # (a first step skipped on the host creates no state; on the device it creates zeros)
+        assert float(opt.state[p]["step"]) == float(ref.state[q].get("step", 0)) == flags.count(0)
