@@ -620,9 +620,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         were advanced as if it was taken and are put back by :meth:`_settle_skipped_step` if
         it was not (the state's own 'step' tensors, on the device, are exact already)."""
         if found_inf.device.type == "cuda":
-            host = torch.empty(found_inf.shape, dtype=found_inf.dtype, pin_memory=True)
+            # one pinned buffer and event, reused: the previous step's were settled first
+            host, event = getattr(self, "_skip_buffers", (None, None))
+            if host is None or host.shape != found_inf.shape or host.dtype != found_inf.dtype:
+                host = torch.empty(found_inf.shape, dtype=found_inf.dtype, pin_memory=True)
+                event = torch.cuda.Event()
+                self._skip_buffers = (host, event)
             host.copy_(found_inf, non_blocking=True)
-            event = torch.cuda.Event()
             event.record()
         else:
             host, event = found_inf.clone(), None
