@@ -346,7 +346,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.master_weights = master_weights
         self._plans: dict[int, _Plan] = {}
-        # a step whose found_inf stayed on the device: (its host copy, event, plans, saved)
+        # a step whose found_inf stayed on the device: (a host copy of it, event, plans)
         self._skip_pending: tuple | None = None
 
     # -- what subclasses translate ------------------------------------------------------
