@@ -359,7 +359,7 @@ class NAdam(_AdamFamily):
         if not products:
             return
         if t_device is not None:  # capturable: mu_t from the device's step count
-            mu = b1 * (1.0 - 0.5 * torch.pow(0.96, t_device.to(products[0].dtype) * psi))
+            mu = nadam_mu(t_device.to(products[0].dtype), b1, psi)
         elif taken is not None:
             mu = torch.full((), nadam_mu(t, b1, psi), dtype=products[0].dtype, device=taken.device)
         else:
