@@ -2,10 +2,13 @@
 
     python tests/triton_compile_worker.py < launches.json > results.json
 
-Input: ``{"arch": 90, "launches": [{"label", "kernel": "module:function", "signature":
-{arg: type}, "constexprs": {arg: value}, "divisible": [arg index, ...], "num_warps"}]}``,
-as tests/test_triton_compile.py records them from the backend's real launches; a
-constexpr that is a Triton dtype is written ``{"dtype": "bf16"}``. Output: one result per
+Input: ``{"arch": 90, "launches": [{"label", "kernel": "module:function", "args": {name:
+arg}, "num_warps"}]}``, as tests/test_triton_compile.py records them from the backend's
+real launches; an arg is ``{"ptr": "fp32", "aligned": true}`` (a tensor: element type,
+16-byte aligned address), ``{"int": 5}``, ``{"float": 0.5}``, ``{"bool": true}`` or
+``{"constexpr": value}`` (a Triton dtype written ``{"dtype": "bf16"}``). They are
+specialized as Triton's JIT does: aligned pointers and ints divisible by 16 marked so, an
+int 1 made a constant, except for the kernel's ``do_not_specialize`` arguments. Output: one result per
 launch, ``{"label", "ok", "error", "seconds", "cubin_bytes", "shared", "registers",
 "spill_bytes"}`` (registers per thread and local-memory bytes, from the cuobjdump that
 ships with Triton; None where it is missing).
@@ -43,10 +46,31 @@ from triton.compiler import ASTSource  # noqa: E402
 _DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 
 
-def _constexpr(value):
-    if isinstance(value, dict):
-        return _DTYPES[value["dtype"]]
-    return value
+def _specialize(kernel, args: dict) -> tuple[dict, dict, dict]:
+    """Signature, constants and attributes of a launch, as Triton's JIT would make them."""
+    names = kernel.arg_names
+    fixed = {names[d] if isinstance(d, int) else d for d in kernel.do_not_specialize}
+    signature, constants, attrs = {}, {}, {}
+    for name in names:
+        arg = args[name]
+        kind, value = next((k, v) for k, v in arg.items() if k != "aligned")
+        divisible = False
+        if kind == "constexpr":
+            signature[name] = "constexpr"
+            constants[name] = _DTYPES[value["dtype"]] if isinstance(value, dict) else value
+        elif kind == "ptr":
+            signature[name] = "*" + value
+            divisible = arg["aligned"]
+        elif kind == "int" and value == 1 and name not in fixed:
+            signature[name], constants[name] = "constexpr", 1
+        elif kind == "int":
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            divisible = value % 16 == 0 and name not in fixed
+        else:
+            signature[name] = {"float": "fp32", "bool": "i1"}[kind]
+        if divisible:  # the format of triton's own AOT tool (triton/tools/compile.py)
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    return signature, constants, attrs
 
 
 def _kernel(name: str):
@@ -81,11 +105,8 @@ def compile_one(arch: int, launch: dict) -> dict:
     result.update(registers=None, spill_bytes=None)
     try:
         kernel = _kernel(launch["kernel"])
-        names = kernel.arg_names
-        constexprs = {k: _constexpr(v) for k, v in launch["constexprs"].items()}
-        # the format of triton's own AOT tool (triton/tools/compile.py)
-        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in launch["divisible"]}
-        src = ASTSource(kernel, signature=launch["signature"], constexprs=constexprs, attrs=attrs)
+        signature, constants, attrs = _specialize(kernel, launch["args"])
+        src = ASTSource(kernel, signature=signature, constexprs=constants, attrs=attrs)
         compiled = triton.compile(
             src, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch["num_warps"]}
         )
