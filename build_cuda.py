@@ -10,6 +10,9 @@ Use from setup.py::
     setup(ext_modules=[...] + cuda_extensions(), cmdclass={"build_ext": with_cuda(build_ext)})
 
 or stand-alone, building ``fastopt/_cuda*.so`` in place: ``python build_cuda.py``.
+``python build_cuda.py --out DIR --without-cuda-torch`` builds it into DIR even beside a
+CPU torch (the module needs no torch): how CI checks, without a GPU, that it links and
+loads.
 
 Environment: ``FASTOPT_CUDA_ARCH`` ("90", "80;90", ...; default: the GPUs nvidia-smi lists,
 else 80 and 90), ``FASTOPT_CUDA_JOBS`` (parallel nvcc processes), ``FASTOPT_NO_CUDA=1``
@@ -60,13 +63,14 @@ def torch_cuda_version() -> str | None:
     return found.group(1) if found else None
 
 
-def why_not_built() -> str | None:
-    """None when fastopt._cuda can be built here, else the reason it is skipped."""
+def why_not_built(need_cuda_torch: bool = True) -> str | None:
+    """None when fastopt._cuda can be built here, else the reason it is skipped. Without a
+    CUDA torch the module would never be used (``need_cuda_torch=False``: build it anyway)."""
     if os.environ.get("FASTOPT_NO_CUDA", "0") not in ("", "0"):
         return "FASTOPT_NO_CUDA is set"
     if cuda_home() is None:
         return "no CUDA toolkit (nvcc) found"
-    if torch_cuda_version() is None:
+    if need_cuda_torch and torch_cuda_version() is None:
         return "torch is not a CUDA build"
     if _cudart_dir() is None:
         return "the CUDA toolkit has no static runtime (libcudart_static.a)"
@@ -155,9 +159,9 @@ def compile_cu(build_dir: Path, shards: int | None = None) -> list[Path]:
         return list(pool.map(run, jobs))
 
 
-def cuda_extensions() -> list[Extension]:
+def cuda_extensions(need_cuda_torch: bool = True) -> list[Extension]:
     """[the fastopt._cuda Extension] when it can be built here, else [] (with a note on stderr)."""
-    reason = why_not_built()
+    reason = why_not_built(need_cuda_torch)
     if reason is not None:
         print(f"fastopt: not building the CUDA extension: {reason}", file=sys.stderr)
         return []
@@ -192,21 +196,35 @@ def with_cuda(build_ext_class: type) -> type:
     return BuildExtWithCuda
 
 
-def main() -> int:
-    """Build fastopt/_cuda in place (python build_cuda.py)."""
+def main(argv: list[str] | None = None) -> int:
+    """Build fastopt/_cuda in place (python build_cuda.py [--out DIR] [--without-cuda-torch])."""
+    import argparse
+
     from setuptools import setup
     from setuptools.command.build_ext import build_ext
 
-    reason = why_not_built()
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", type=Path, help="build the module under DIR/fastopt/ instead of in place")
+    parser.add_argument(
+        "--without-cuda-torch", action="store_true", help="build even where torch is a CPU build"
+    )
+    args = parser.parse_args(argv)
+    need_cuda_torch = not args.without_cuda_torch
+    reason = why_not_built(need_cuda_torch)
     if reason is not None:
         print(f"cannot build fastopt._cuda: {reason}", file=sys.stderr)
         return 1
     os.chdir(ROOT)
+    if args.out is None:
+        where = ["--inplace", "--build-temp", str(ROOT / "build" / "cuda-temp")]
+    else:
+        out = args.out.resolve()
+        where = ["--build-lib", str(out), "--build-temp", str(out / "temp")]
     setup(
         name="fastopt-cuda",
-        ext_modules=cuda_extensions(),
+        ext_modules=cuda_extensions(need_cuda_torch),
         cmdclass={"build_ext": with_cuda(build_ext)},
-        script_args=["build_ext", "--inplace", "--build-temp", str(ROOT / "build" / "cuda-temp")],
+        script_args=["build_ext", *where],
     )
     print(f"built fastopt._cuda for {sysconfig.get_platform()} ({' '.join(arch_flags())})")
     return 0

@@ -1,17 +1,21 @@
 """The CUDA C++ backend (fastopt._cuda) against the float64 torch backend.
 
 The GPU cases run where the extension is built and a GPU is present (the GPU machine; see
-bench/results/GPU_TESTS.md); the compile-only check of csrc/*.cu runs wherever nvcc is on
-PATH, GPU or not, so that CI catches CUDA code that no longer builds. Tolerances as in
-test_triton_backend.py (same kernels' arithmetic: fp32 math, rounding to the storage dtype).
+bench/results/GPU_TESTS.md). Wherever nvcc is on PATH, GPU or not, csrc/*.cu is compiled
+(compile only) and the module itself is built, linked and loaded, and its kernel table
+checked against the whole family, so that CI catches CUDA code that no longer builds or
+links, and a rule left without a kernel. Tolerances as in test_triton_backend.py (same
+kernels' arithmetic: fp32 math, rounding to the storage dtype).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,27 +57,76 @@ def test_compile_script_fails_on_broken_code(tmp_path):
     assert "FAILED: " in done.stderr and "broken" in done.stderr
 
 
-needs_ext = pytest.mark.skipif(
-    not BUILT, reason="fastopt._cuda is not built (build_cuda.py needs nvcc and CUDA torch)"
-)
 needs_gpu = pytest.mark.skipif(
     not (BUILT and HAS_CUDA), reason="needs fastopt._cuda and a CUDA GPU (runs on the GPU machine)"
 )
 
 
-@needs_ext
-def test_every_spec_has_a_kernel():
+@pytest.fixture(scope="module")
+def cuda_module(tmp_path_factory):
+    """fastopt._cuda: the installed one, else built here for sm_90 beside the CPU torch (the
+    module links no torch and loads without a GPU; only its launches need one), and handed
+    to the backend for the duration."""
+    from fastopt.backends import cuda_backend
+
+    if BUILT:
+        yield cuda_backend._module()
+        return
+    loader = importlib.util.spec_from_file_location("build_cuda", ROOT / "build_cuda.py")
+    build_cuda = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(build_cuda)
+    reason = build_cuda.why_not_built(need_cuda_torch=False)
+    if reason is not None:
+        pytest.skip(f"cannot build fastopt._cuda here: {reason}")
+    out = tmp_path_factory.mktemp("cuda-build")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "build_cuda.py"), "--out", str(out), "--without-cuda-torch"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, FASTOPT_CUDA_ARCH="90"),
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (path,) = (out / "fastopt").glob("_cuda*.so")
+    spec = importlib.util.spec_from_file_location("fastopt._cuda", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda_backend, "_ext", module)
+        yield module
+
+
+def test_every_spec_has_a_kernel(cuda_module):
     from fastopt.backends import cuda_backend as cb
 
     probe = step_scalars(Spec(), dict(lr=0.1), 1)
-    codes = set(cb._module().kernel_codes())
+    codes = set(cuda_module.kernel_codes())
     for spec in family(include_orthogonal=True):
         for l2 in (0.0, 0.1):
             for use in (True, False) if spec.extra == Extra.RADAM else (spec.denominator != 0,):
                 sw = cb.canonical_switches(spec, probe._replace(weight_decay=l2, use_denominator=use))
                 sw["HAS_L2"] = 0  # L2 is a run-time flag of every kernel
                 assert cb.switch_code(sw) in codes, spec.short()
-    assert len(codes) == cb._module().kernel_count() < 256
+                assert cuda_module.has_kernel(cb.switch_code(sw)), spec.short()
+    assert len(codes) == cuda_module.kernel_count() < 256
+    assert not cuda_module.has_kernel(max(codes) + 1)
+
+
+def test_module_tables_match_the_rule(cuda_module):
+    """The module's switch shifts name the rule's switches, its dtype codes the three
+    param dtypes, and a launch that cannot run (no GPU, or a bad device) is a Python
+    error naming the module, not a crash."""
+    from fastopt import rule
+
+    names = set(rule.switches(Spec(), step_scalars(Spec(), dict(lr=0.1), 1)))
+    assert set(cuda_module.SWITCH_SHIFTS) == names
+    shifts = sorted(cuda_module.SWITCH_SHIFTS.values())
+    assert len(set(shifts)) == len(shifts)
+    assert set(cuda_module.DTYPES) == {"float32", "bfloat16", "float16"}
+    device = torch.cuda.device_count() + 7  # no such device, GPU machine or not
+    with pytest.raises(RuntimeError, match="fastopt._cuda: "):
+        cuda_module.step(cuda_module.kernel_codes()[0], device, 0, 0, 0, 0, 1, 2, [-1] * 7, [0, 0, 0],
+                         True, 16384, [0.0] * 12, 0, 0, 0, False, False, 0)  # fmt: skip
 
 
 @pytest.fixture
