@@ -112,3 +112,72 @@ def test_measure_reports_failures_instead_of_numbers():
     assert len(results["ok"].times) == 3
     assert results["torch-compiled"].times == []
     assert results["torch-compiled"].note == "failed: RuntimeError: compile failed here"
+
+
+# ---- the GPU benchmark's report, on made-up rows (its measurements need a GPU) --------------
+
+
+def _gpu_rows(speedup: dict[tuple[str, str, str], float], roof: float) -> list[dict]:
+    """Rows as gpu_throughput.run_set writes them: fastopt-triton at 1 ms everywhere, every
+    other provider at ``speedup`` ms (default 2 ms), the primary's roofline fraction ``roof``."""
+    from bench import gpu_throughput as g
+
+    rows = []
+    for opt in g.OPTIMIZERS:
+        for pset in g.PARAM_SETS:
+            for prov in (
+                g.PRIMARY,
+                "triton-kernel",
+                "torch-forloop",
+                "torch-foreach",
+                "torch-fused",
+                "torch-compiled",
+            ):
+                ms = 1.0 if prov == g.PRIMARY else speedup.get((opt, pset, prov), 2.0)
+                rows.append(dict(optimizer=opt, param_set=pset, provider=prov, ms_median=ms, gbps=100.0,
+                                 roofline_fraction=roof if prov == g.PRIMARY else roof / ms, tensors=3,
+                                 elements=3e6))  # fmt: skip
+    return rows
+
+
+def test_gpu_targets_are_judged_from_the_rows():
+    from bench import gpu_throughput as g
+
+    # torch-fused 1.05x behind on ResNet-50 (target 1.1x), foreach 2.5x behind NAdam on GPT-2
+    slow = {("adam", "resnet50", "torch-fused"): 1.05, ("nadam", "gpt2-small", "torch-foreach"): 2.5}
+    lines = g.targets(_gpu_rows(slow, roof=0.93), tiny_ratio=1.5)
+    by_label = {line.split("] ", 1)[1].rsplit(":", 1)[0]: line for line in lines}
+    assert by_label["adam resnet50 vs torch-fused (>= 1.1x)"].startswith("[NOT met]")
+    assert by_label["adam resnet50 vs torch-fused (>= 1.1x)"].endswith("1.05")
+    assert by_label["adam gpt2-small vs torch-fused (>= 1.1x)"].startswith("[met]")
+    assert by_label["adamw resnet50 vs torch-compiled (>= 1.0x)"].startswith("[met]")
+    assert by_label["nadam gpt2-small vs torch-foreach (>= 3x)"].startswith("[NOT met]")
+    assert by_label["radam 64M vs torch-foreach (>= 3x)"].startswith("[NOT met]")  # 2x everywhere
+    assert (
+        by_label["adam roofline fraction on 64M (>= 0.9)"]
+        == "[met] adam roofline fraction on 64M (>= 0.9): 0.93"
+    )
+    assert by_label["bf16-state Adam 1000x64k vs torch-fused fp32 Adam (>= 1.3x)"].startswith("[met]")
+    assert by_label["10,000 tiny tensors / one tensor, CUDA-graph step (< 2x)"].startswith("[met]")
+    lines = g.targets(_gpu_rows({}, roof=0.5), tiny_ratio=None)
+    assert all("tiny" not in line for line in lines)
+    assert all(line.startswith("[NOT met]") for line in lines if "roofline" in line)
+
+
+def test_gpu_table_prints_speedups(capsys):
+    from bench import gpu_throughput as g
+
+    rows = [r for r in _gpu_rows({("adam", "64M", "torch-fused"): 1.25}, roof=0.9) if r["param_set"] == "64M"]
+    g.print_table(rows)
+    out = capsys.readouterr().out
+    adam = next(line for line in out.splitlines() if line.startswith("adam "))
+    assert adam.split()[1:4] == ["1.000", "100", "0.90"] and "1.25x" in adam and "2.00x" in adam
+    assert "cuda-kernel" in out and "-" in adam.split()  # a provider without rows shows "-"
+
+
+def test_gpu_benchmark_refuses_to_run_without_a_gpu(capsys, monkeypatch):
+    from bench import gpu_throughput as g
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert g.main(["--quick"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
