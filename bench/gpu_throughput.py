@@ -259,6 +259,20 @@ def tiny_experiment(rounds: int) -> list[str]:
     return lines
 
 
+def graph_ratio(report: str) -> float | None:
+    """The 10,000-tiny / one-tensor ratio of a CUDA-graph step from tiny_experiment's lines:
+    the whole optimizer's (fastopt-graph) where it ran, else the kernel's (triton-graph)."""
+    ratios = {}
+    for line in report.splitlines():
+        cells = line.split()
+        if len(cells) == 4 and cells[0] in ("fastopt-graph", "triton-graph"):
+            try:
+                ratios[cells[0]] = float(cells[3])
+            except ValueError:  # not a table row
+                pass
+    return ratios.get("fastopt-graph", ratios.get("triton-graph"))
+
+
 def _unpacked(fn: Callable[[], None]) -> Callable[[], None]:
     """fn with the Triton backend's packing of small tensors switched off."""
     from fastopt.backends import triton_backend as tb
@@ -503,8 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             text=True,
         )
         print(done.stdout + (done.stderr[-2000:] if done.returncode else ""))
-        ratios = {x.split()[0]: float(x.split()[-1]) for x in done.stdout.splitlines() if "-graph " in x}
-        ratio = ratios.get("fastopt-graph", ratios.get("triton-graph"))  # the optimizer's, if it ran
+        ratio = graph_ratio(done.stdout)
     print("\nTargets:")
     for line in targets(rows, ratio):
         print("  " + line)

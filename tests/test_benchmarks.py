@@ -181,3 +181,20 @@ def test_gpu_benchmark_refuses_to_run_without_a_gpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert g.main(["--quick"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_graph_ratio_read_from_the_tiny_report():
+    from bench import gpu_throughput as g
+
+    table = (
+        "provider                  10000x100 ms   1x1M ms   ratio\n"
+        "triton-graph                  0.0300    0.0200    1.50\n"
+        "triton-graph-unpacked         0.5000    0.0200   25.00\n"
+    )
+    assert g.graph_ratio(table) == 1.5
+    assert g.graph_ratio(table + "fastopt-graph                 0.0420    0.0300    1.40\n") == 1.4
+    # a failed capture is reported on a line of its own, which must not be read as a number
+    failed = "fastopt-graph failed: RuntimeError: operation not permitted when stream is capturing\n"
+    assert g.graph_ratio(failed + table) == 1.5
+    assert g.graph_ratio(failed) is None
+    assert g.graph_ratio("fastopt-graph failed: RuntimeError: boom\n" + table) == 1.5
