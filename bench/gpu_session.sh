@@ -5,8 +5,8 @@
 #   bash bench/gpu_session.sh tests [OUT]   build both extensions, run the GPU test matrix
 #   bash bench/gpu_session.sh bench [OUT]   build, then the GPU throughput benchmark
 #
-# Each stage ends within about nine minutes. Logs, the JUnit report and the benchmark's CSV
-# and PNG go to OUT (default: $OUT if set, else bench/results/gpu_session); the benchmark
+# Each stage ends within about nine minutes. Logs, the failures (as they happen), the JUnit
+# report and the benchmark's CSV and PNG go to OUT (default: $OUT if set, else bench/results/gpu_session); the benchmark
 # also writes its files to bench/results/. Record a passing matrix in
 # bench/results/GPU_TESTS.md.
 set -uo pipefail
@@ -29,8 +29,11 @@ echo "build: $((SECONDS - start)) s"
 
 case "$stage" in
 tests)
-    # the CUDA cases of every file that has them; CI runs the rest of each file
-    timeout 480 python3 -m pytest -q -n 16 -p no:cacheprovider --timeout 300 -rfE \
+    # the CUDA cases of every file that has them; CI runs the rest of each file. Each
+    # failure's message is appended to failures.txt as it happens (tests/failure_log.py):
+    # pytest's own summary and JUnit report are lost if the time limit cuts the run short.
+    rm -f "$out/failures.txt"
+    FASTOPT_FAILURE_LOG="$out/failures.txt" timeout 480 python3 -m pytest -q -n 16 -p no:cacheprovider --timeout 300 -rfE \
         --junitxml="$out/gpu_tests.xml" \
         tests/test_triton_backend.py tests/test_cuda_backend.py tests/test_gpu_matrix.py tests/test_amp_device_hooks.py \
         tests/test_capturable.py tests/test_distributed.py tests/test_reliability_hostile.py \

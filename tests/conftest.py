@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import optim_db and helpers
 
+pytest_plugins = ["failure_log"]
+
 settings.register_profile(
     "ci",
     max_examples=40,

@@ -198,3 +198,30 @@ def test_gpu_graph_ratio_read_from_the_tiny_report():
     assert g.graph_ratio(failed + table) == 1.5
     assert g.graph_ratio(failed) is None
     assert g.graph_ratio("fastopt-graph failed: RuntimeError: boom\n" + table) == 1.5
+
+
+def test_failures_are_logged_as_they_happen(tmp_path):
+    """bench/gpu_session.sh's failure log (tests/failure_log.py) gets each failure's message,
+    and nothing of what passed or was skipped."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_probe.py").write_text(
+        "import pytest\n"
+        "def test_passes():\n    assert True\n"
+        "def test_fails():\n    assert 6 * 7 == 41, 'the planted failure'\n"
+        "def test_skips():\n    pytest.skip('no')\n"
+    )
+    log = tmp_path / "failures.txt"
+    env = dict(os.environ, FASTOPT_FAILURE_LOG=str(log), PYTHONPATH=os.path.dirname(__file__))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "failure_log", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    text = log.read_text()
+    assert text.count("==== ") == 1 and "test_probe.py::test_fails (call)" in text
+    assert "the planted failure" in text
