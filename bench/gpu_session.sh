@@ -6,9 +6,9 @@
 #   bash bench/gpu_session.sh bench [OUT]   build, then the GPU throughput benchmark
 #
 # Each stage ends within about nine minutes. Logs, the failures (as they happen), the JUnit
-# report and the benchmark's CSV and PNG go to OUT (default: $OUT if set, else bench/results/gpu_session); the benchmark
-# also writes its files to bench/results/. Record a passing matrix in
-# bench/results/GPU_TESTS.md.
+# report and the benchmark's CSV and PNG go to OUT (default: $OUT if set, else
+# bench/results/gpu_session); the benchmark also writes its files to bench/results/.
+# Record a passing matrix in bench/results/GPU_TESTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?usage: bash bench/gpu_session.sh tests|bench [OUT]}
