@@ -209,16 +209,16 @@ def main(argv: list[str] | None = None) -> int:
         "--without-cuda-torch", action="store_true", help="build even where torch is a CPU build"
     )
     args = parser.parse_args(argv)
+    out = None if args.out is None else args.out.resolve()  # (relative to the caller's directory)
     need_cuda_torch = not args.without_cuda_torch
     reason = why_not_built(need_cuda_torch)
     if reason is not None:
         print(f"cannot build fastopt._cuda: {reason}", file=sys.stderr)
         return 1
     os.chdir(ROOT)
-    if args.out is None:
+    if out is None:
         where = ["--inplace", "--build-temp", str(ROOT / "build" / "cuda-temp")]
     else:
-        out = args.out.resolve()
         where = ["--build-lib", str(out), "--build-temp", str(out / "temp")]
     setup(
         name="fastopt-cuda",
