@@ -152,7 +152,8 @@ def _record_launches(monkeypatch) -> list[dict]:
     step("adam amp", ADAM, NO_WD, 3, grad_scale_ptr=one, found_inf=inf)
     step("adam amp bf16", ADAM, NO_WD, 3, torch.bfloat16, grad_scale_ptr=one, found_inf=inf)
     radam = ADAM.replace(extra=Extra.RADAM)
-    for name, spec in [("adam", ADAM), ("adamw", adamw), ("radam", radam), ("adadelta", SUBSET[9][1])]:
+    adadelta = next(case[1] for case in SUBSET if case[0] == "adadelta")
+    for name, spec in [("adam", ADAM), ("adamw", adamw), ("radam", radam), ("adadelta", adadelta)]:
         scalars = tb.scalars_tensor(step_scalars(spec, HYPER, 3), "cpu", seed=5)
         step(f"{name} capturable", spec, HYPER, 3, scalars_tensor=scalars, found_inf=inf)
     scalars = tb.scalars_tensor(step_scalars(ADAM, HYPER, 3), "cpu", seed=5)
