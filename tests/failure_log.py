@@ -13,6 +13,7 @@ import os
 
 def pytest_runtest_logreport(report) -> None:
     path = os.environ.get("FASTOPT_FAILURE_LOG")
-    if path and report.failed:
+    # under pytest-xdist the controller receives every worker's reports: it alone writes
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(path, "a") as f:
             f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
