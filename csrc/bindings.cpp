@@ -76,6 +76,23 @@ void step(uint32_t switches, const py::sequence& scalars, const py::list& sizes,
   if (error != nullptr) throw py::value_error(error);
 }
 
+double sum_of_squares(int dtype, const py::list& sizes, const py::list& ptrs, int num_threads) {
+  const std::size_t n = static_cast<std::size_t>(py::len(sizes));
+  std::vector<int64_t> size_vec(n);
+  for (std::size_t i = 0; i < n; ++i) size_vec[i] = PyLong_AsLongLong(PyList_GET_ITEM(sizes.ptr(), i));
+  if (PyErr_Occurred()) throw py::error_already_set();
+  std::vector<uintptr_t> addr;
+  to_addresses(ptrs, n, "g", addr);
+  double out = 0.0;
+  const char* error;
+  {
+    py::gil_scoped_release no_gil;
+    error = cpu::sum_of_squares(dtype, static_cast<int64_t>(n), size_vec.data(), addr.data(), num_threads, &out);
+  }
+  if (error != nullptr) throw py::value_error(error);
+  return out;
+}
+
 py::dict enum_dict(std::initializer_list<std::pair<const char*, int>> items) {
   py::dict d;
   for (const auto& kv : items) d[kv.first] = kv.second;
@@ -93,6 +110,10 @@ PYBIND11_MODULE(_C, mod) {
           "switches: fastopt.rule.switches() packed by SWITCH_SHIFTS; scalars: a StepScalars;\n"
           "sizes: elements per tensor; ptrs: per role of ROLES a list of addresses or None;\n"
           "dtypes: per role a DTYPES code; num_threads <= 0 means all cores.");
+  mod.def("sum_of_squares", &sum_of_squares, py::arg("dtype"), py::arg("sizes"), py::arg("ptrs"),
+          py::arg("num_threads"),
+          "The sum of the squares of every element of the tensors at ptrs (sizes elements each, one\n"
+          "DTYPES code), in float64, independent of num_threads (<= 0: all cores).");
   mod.def("has_kernel", &cpu::has_kernel, py::arg("switches"), py::arg("fp64"),
           "Whether a kernel is compiled for these packed switches (math in fp64 or fp32).");
   mod.def("kernel_count", &cpu::kernel_count, "Rule kernels compiled per math type.");

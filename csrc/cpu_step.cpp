@@ -578,7 +578,84 @@ void run_chunk(const Plan& pl, int64_t chunk) {
   }
 }
 
+// ---- sum of squares (the global gradient norm) ----------------------------------------------
+
+// Adds the squares of n elements to eight running sums, element i to sums[i % 8]: a fixed
+// order of additions (the compiler may vectorize across the sums, never reassociate).
+template <typename T>
+void add_squares(const T* x, int64_t n, double sums[8]) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) {
+      const double v = static_cast<double>(x[i + k]);
+      sums[k] += v * v;
+    }
+  }
+  for (int k = 0; i < n; ++i, ++k) {
+    const double v = static_cast<double>(x[i]);
+    sums[k] += v * v;
+  }
+}
+
+// The sum of squares of global elements [chunk * CHUNK, (chunk + 1) * CHUNK).
+double chunk_sum_of_squares(int dtype, const std::vector<int64_t>& off, const uintptr_t* ptrs, const IsaImpl* isa,
+                            int64_t chunk) {
+  const int64_t lo = chunk * CHUNK, hi = std::min(lo + CHUNK, off.back());
+  double sums[8] = {};
+  alignas(64) float buf[BLOCK];
+  int64_t t = std::upper_bound(off.begin(), off.end() - 1, lo) - off.begin() - 1;
+  for (int64_t at = lo; at < hi; ++t) {
+    const int64_t end = std::min(hi, off[t + 1]);
+    if (end > at) {
+      const int64_t n = end - at;
+      const char* base = reinterpret_cast<const char*>(ptrs[t]) + (at - off[t]) * dtype_size(dtype);
+      if (dtype == F64) {
+        add_squares(reinterpret_cast<const double*>(base), n, sums);
+      } else if (dtype == F32) {
+        add_squares(reinterpret_cast<const float*>(base), n, sums);
+      } else {  // bf16, fp16: widened a block at a time (exactly: every value is a float)
+        for (int64_t b = 0; b < n; b += BLOCK) {
+          const int64_t len = std::min(BLOCK, n - b);
+          isa->to_float(dtype, base + b * dtype_size(dtype), buf, len);
+          add_squares(buf, len, sums);
+        }
+      }
+    }
+    at = std::max(at, end);
+  }
+  double s = 0.0;
+  for (double part : sums) s += part;
+  return s;
+}
+
 }  // namespace
+
+const char* sum_of_squares(int dtype, int64_t num_tensors, const int64_t* sizes, const uintptr_t* ptrs,
+                           int num_threads, double* out) {
+  if (dtype < 0 || dtype >= NUM_DTYPES) return "unknown dtype code";
+  std::vector<int64_t> off(static_cast<std::size_t>(num_tensors) + 1);
+  int64_t total = 0;
+  for (int64_t t = 0; t < num_tensors; ++t) {
+    if (sizes[t] < 0) return "negative tensor size";
+    off[static_cast<std::size_t>(t)] = total;
+    total += sizes[t];
+  }
+  off.back() = total;
+  *out = 0.0;
+  if (total == 0) return nullptr;
+  const int64_t chunks = (total + CHUNK - 1) / CHUNK;
+  std::vector<double> partial(static_cast<std::size_t>(chunks));
+  const IsaImpl* isa = current_isa();
+  const int threads = num_threads > 0 ? num_threads : static_cast<int>(std::thread::hardware_concurrency());
+  const std::function<void(int64_t)> fn = [&](int64_t chunk) {
+    partial[static_cast<std::size_t>(chunk)] = chunk_sum_of_squares(dtype, off, ptrs, isa, chunk);
+  };
+  parallel_chunks(std::max(threads, 1), chunks, fn);
+  double s = 0.0;
+  for (double part : partial) s += part;
+  *out = s;
+  return nullptr;
+}
 
 const char* step(uint32_t switches, const StepScalars& scalars, const Group& group, int num_threads) {
   Plan pl;

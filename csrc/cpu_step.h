@@ -52,6 +52,13 @@ bool set_threading(const char* name);
 // Elements per work chunk; tensors are concatenated, then cut at multiples of this.
 constexpr int64_t CHUNK = 1 << 15;
 
+// The sum of the squares of every element of `num_tensors` tensors of one dtype, in float64,
+// into *out (gradient clipping's global norm). Cut into CHUNKs like a step, and the chunks'
+// sums added in order: the result does not depend on the thread count. Returns null on
+// success, else a static message saying why nothing was done.
+const char* sum_of_squares(int dtype, int64_t num_tensors, const int64_t* sizes, const uintptr_t* ptrs,
+                           int num_threads, double* out);
+
 // Element-wise storage conversions (exposed for tests of the rounding).
 void to_float(int dtype, const void* src, float* dst, int64_t n);
 void from_float(int dtype, const float* src, void* dst, int64_t n);

@@ -187,5 +187,15 @@ def grad_norm(grads: list[torch.Tensor]) -> float:
 
 def _squared_sum(ts: list[torch.Tensor]) -> torch.Tensor:
     """Sum of squared L2 norms of tensors on one device, as a float64 device scalar."""
+    if ts[0].device.type == "cpu":
+        # one threaded C++ pass per dtype, summed in float64, where the extension is built
+        from .backends import cpp_backend
+
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+        for t in ts:
+            by_dtype[t.dtype].append(t)
+        sums = [cpp_backend.sum_of_squares(group) for group in by_dtype.values()]
+        if None not in sums:
+            return torch.tensor(sum(sums), dtype=torch.float64)
     norms = torch._foreach_norm(ts, 2.0)
     return torch.stack(norms).double().square().sum()

@@ -6,6 +6,8 @@ These tests never skip: CI builds the extension, so an unavailable backend is a 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import max_rel_err, run_backend_vs_reference
@@ -452,6 +454,77 @@ def test_bit_identical_across_instruction_sets(cpp, ext):
     finally:
         ext.set_isa(original)
     assert not ext.set_isa("no-such-isa")
+
+
+# ---- the sum of squares of gradient clipping -------------------------------------------------
+
+
+def _sum_of_squares(ext, tensors: list[torch.Tensor], threads: int = 0) -> float:
+    from fastopt.backends.cpp_backend import _DTYPE_CODES
+
+    code = _DTYPE_CODES[tensors[0].dtype]
+    return ext.sum_of_squares(code, [t.numel() for t in tensors], [t.data_ptr() for t in tensors], threads)
+
+
+def _exact_sum_of_squares(tensors: list[torch.Tensor]) -> float:
+    # squares of fp32/bf16/fp16 values are exact in float64 (at most 48 significant bits);
+    # fsum adds them with one rounding
+    return math.fsum(float(x) ** 2 for t in tensors for x in t.double().flatten().tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_sum_of_squares_matches_an_exact_sum(ext, dtype):
+    torch.manual_seed(3)
+    sizes = [2 * ext.CHUNK + 333, 0, 7, ext.CHUNK - 1, 1, 5000]
+    tensors = [(torch.randn(n) * 10.0 ** torch.randint(-3, 3, (1,))).to(dtype) for n in sizes]
+    ours = _sum_of_squares(ext, tensors)
+    exact = _exact_sum_of_squares(tensors)
+    # chunked sums of at most CHUNK / 8 = 4096 positive terms in float64: a relative error
+    # below 4096 * 2**-53 (about 5e-13) in each, and fewer than 100 chunk sums on top
+    assert ours == pytest.approx(exact, rel=1e-12)
+
+
+def test_sum_of_squares_is_independent_of_threads_and_handles_edges(ext):
+    torch.manual_seed(4)
+    tensors = [torch.randn(n) for n in (3 * ext.CHUNK + 5, 11, ext.CHUNK)]
+    one = _sum_of_squares(ext, tensors, threads=1)
+    assert all(_sum_of_squares(ext, tensors, threads=k) == one for k in (2, 3, 8))
+    assert _sum_of_squares(ext, [torch.zeros(0)]) == 0.0
+    assert ext.sum_of_squares(0, [], [], 1) == 0.0
+    with_inf = [torch.ones(10), torch.tensor([float("inf")])]
+    assert _sum_of_squares(ext, with_inf) == float("inf")
+    assert math.isnan(_sum_of_squares(ext, [torch.tensor([1.0, float("nan")])]))
+    with pytest.raises(ValueError, match="dtype"):
+        ext.sum_of_squares(9, [1], [tensors[1].data_ptr()], 1)
+    with pytest.raises(ValueError, match="one pointer per tensor"):
+        ext.sum_of_squares(0, [1, 1], [tensors[1].data_ptr()], 1)
+
+
+def test_clipping_sums_through_the_extension(cpp, monkeypatch):
+    """max_grad_norm on CPU gradients takes the extension's one call (not torch's per-tensor
+    norms), on contiguous ones of each dtype, and falls back for the others."""
+    from fastopt import distributed
+    from fastopt.backends import cpp_backend
+
+    calls = []
+    original = cpp_backend.sum_of_squares
+
+    def counted(tensors):
+        result = original(tensors)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(cpp_backend, "sum_of_squares", counted)
+    grads = [torch.randn(100), torch.randn(3, 4), torch.randn(7, dtype=torch.float64)]
+    expected = math.sqrt(_exact_sum_of_squares(grads))
+    assert distributed.grad_norm(grads) == pytest.approx(expected, rel=1e-12)
+    assert calls == [True, True]  # one call per dtype
+    calls.clear()
+    strided = [torch.randn(6, 4)[:, ::2], torch.randn(5)]
+    assert distributed.grad_norm(strided) == pytest.approx(
+        math.sqrt(_exact_sum_of_squares(strided)), rel=1e-6
+    )
+    assert calls == [False]
 
 
 # ---- layouts, NaN, and the optimizer layer --------------------------------------------------

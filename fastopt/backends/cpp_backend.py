@@ -178,3 +178,21 @@ def step(
     for r in roles:
         if r is not None and r.copies:
             r.write_back()
+
+
+def sum_of_squares(tensors: list[torch.Tensor]) -> float | None:
+    """The sum of the squares of every element of ``tensors``, in float64, in one threaded
+    call (the global norm of gradient clipping); the result does not depend on the thread
+    count. None where the extension cannot take them: not built, not all contiguous CPU
+    tensors of one supported dtype (the caller then sums another way)."""
+    if _C is None or not tensors:
+        return None
+    dtypes = set(map(_dtype, tensors))
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPE_CODES:
+        return None
+    if tensors[0].device.type != "cpu" or any(t.device.type != "cpu" for t in tensors):
+        return None
+    if not all(map(_is_contiguous, tensors)):
+        return None
+    code = _DTYPE_CODES[tensors[0].dtype]
+    return _C.sum_of_squares(code, list(map(_numel, tensors)), list(map(_data_ptr, tensors)), _num_threads())
