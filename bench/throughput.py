@@ -57,6 +57,9 @@ class Case:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     state_dtype: torch.dtype | None = None
     summary: str = ""
+    # clip to this global gradient norm: fastopt's max_grad_norm against torch's
+    # clip_grad_norm_ before the step (foreach=False for the for-loop provider)
+    max_grad_norm: float | None = None
 
 
 CASES = [
@@ -73,6 +76,9 @@ CASES = [
     Case("adam_linf", "adam_linf", summary="Adam, L-inf norm"),
     Case("egd", "egd", summary="equilibrated SGD (H u curvature)"),
     Case("adam_bf16_state", "adam", state_dtype=torch.bfloat16, summary="Adam, fp32 params, bf16 state"),
+    Case(
+        "adam_clip", "adam", "Adam", {"lr": 1e-3}, max_grad_norm=1.0, summary="Adam fp32, clipped to norm 1"
+    ),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
 
@@ -152,7 +158,8 @@ def roofline_step(device: torch.device, elements: int) -> tuple[Callable[[], Non
 
 
 def bytes_per_step(case: Case, shapes: list[Shape], param_dtype: torch.dtype = torch.float32) -> int:
-    """Bytes one step must move: param r+w, grad (and H u) read, each state tensor r+w."""
+    """Bytes one step must move: param r+w, grad (and H u) read, each state tensor r+w, and
+    the grads read once more for a clipped case's norm."""
     from fastopt import presets
     from fastopt.spec import Curvature
 
@@ -160,6 +167,8 @@ def bytes_per_step(case: Case, shapes: list[Shape], param_dtype: torch.dtype = t
     p = torch.empty((), dtype=param_dtype).element_size()
     s = torch.empty((), dtype=case.state_dtype or param_dtype).element_size()
     reads = p * (2 if spec.curvature == Curvature.HVP else 1)
+    if case.max_grad_norm is not None:
+        reads += p  # the gradients' norm reads them once more
     per_element = 2 * p + reads + 2 * s * len(spec.state_roles)
     return per_element * numel(shapes)
 
@@ -171,6 +180,8 @@ def _fastopt_optimizer(case: Case, params: list[torch.Tensor], backend: str) -> 
     options: dict[str, Any] = {"backend": backend}
     if case.state_dtype is not None:
         options["state_dtype"] = case.state_dtype
+    if case.max_grad_norm is not None:
+        options["max_grad_norm"] = case.max_grad_norm
     if case.torch_cls is not None:
         return getattr(fastopt, case.torch_cls)(params, **case.kwargs, **options)
     return presets.make(case.preset, params, **case.kwargs, **options)
@@ -185,6 +196,18 @@ def _torch_optimizer(case: Case, params: list[torch.Tensor], provider: str) -> t
         "torch-compiled": {},
     }[provider]
     return cls(params, **case.kwargs, **flags)
+
+
+def _clipped(
+    step: Callable[[], Any], params: list[torch.Tensor], max_norm: float, foreach: bool
+) -> Callable[[], None]:
+    """torch's way to a clipped step: clip_grad_norm_ over the params, then the step."""
+
+    def clipped_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
+        step()
+
+    return clipped_step
 
 
 def build_steps(
@@ -231,13 +254,16 @@ def build_steps(
         except Exception as exc:  # fused=True where torch has no fused kernel
             notes[provider] = f"n/a: {_short_error(exc)}"
             continue
+        step = opt.step
+        if case.max_grad_norm is not None:
+            step = _clipped(step, params, case.max_grad_norm, foreach=provider != "torch-forloop")
         if provider == "torch-compiled":
             # every optimizer's step is the same function to dynamo: without a reset the
             # ninth compile hits its recompile limit and silently runs eagerly
             torch._dynamo.reset()
-            steps[provider] = torch.compile(opt.step)
+            steps[provider] = torch.compile(step)
         else:
-            steps[provider] = opt.step
+            steps[provider] = step
     return steps, notes
 
 
