@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 import fastopt
 from fastopt.reference import Reference
 from fastopt.spec import Curvature, Spec
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+# the Triton kernels' fused multiply-adds against the torch backend's separate roundings,
+# fp32 storage over a few steps (tests/test_triton_backend.py)
+KERNEL_TOL = dict(rtol=2e-5, atol=2e-6)
 
 
 def run_backend_vs_reference(

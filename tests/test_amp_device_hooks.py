@@ -16,11 +16,10 @@ backend's separate roundings: 2e-5 relative, as in tests/test_triton_backend.py.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 
 import pytest
 import torch
-from helpers import small_grads, small_params
+from helpers import HAS_CUDA, KERNEL_TOL, needs_triton, small_grads, small_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_reliability_hostile import triton_interpreter
@@ -28,10 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopt
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-TOL = dict(rtol=2e-5, atol=2e-6)
+pytestmark = needs_triton
+TOL = KERNEL_TOL
 
 
 @pytest.fixture

@@ -13,20 +13,16 @@ torch backend by the kernels' fused multiply-adds: 2e-5 relative (tests/test_tri
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from helpers import small_grads, small_params
+from helpers import HAS_CUDA, KERNEL_TOL, needs_triton, small_grads, small_params
 
 import fastopt
 from fastopt import presets
 from fastopt.spec import Accumulation, Denominator, Momentum, Schedule, Spec
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-TOL = dict(rtol=2e-5, atol=2e-6)
+pytestmark = needs_triton
+TOL = KERNEL_TOL
 
 
 @pytest.fixture
