@@ -1,7 +1,10 @@
-"""Builds the optional C++ extension ``fastopt._C``. Nothing here imports torch.
+"""Builds the optional C++ extensions. Nothing here imports torch.
 
-The extension is optional: if it cannot be built (no compiler, no pybind11), the install
-still succeeds with a warning and fastopt runs on its torch backend.
+``fastopt._C`` (the CPU step; links no torch), ``fastopt._host`` (a step's per-tensor host
+work, compiled against the installed torch's headers and libraries) and, where nvcc and a
+CUDA torch exist, ``fastopt._cuda`` (build_cuda.py). Each is optional: if it cannot be
+built, the install still succeeds with a warning and fastopt does that work in Python or
+on its torch backend.
 
 ``csrc/cpu_step.cpp`` is compiled once per instruction set on x86-64 (baseline, AVX2,
 AVX-512, each into its own namespace) and the best one the CPU supports is picked at run
@@ -49,7 +52,7 @@ X86_ISAS = [
 def _warn(message: str) -> None:
     bar = "=" * 78
     print(
-        f"\n{bar}\nWARNING: {message}\nfastopt will use its torch backend on CPU.\n{bar}\n", file=sys.stderr
+        f"\n{bar}\nWARNING: {message}\nfastopt will do without it (see setup.py).\n{bar}\n", file=sys.stderr
     )
 
 
@@ -66,7 +69,7 @@ class OptionalBuildExt(build_ext):
         try:
             if ext.name == "fastopt._C":
                 self._build(ext)
-            else:  # fastopt._cuda: nvcc objects (build_cuda.with_cuda) and the standard link
+            else:  # _host, and _cuda (nvcc objects from build_cuda.with_cuda): the standard way
                 super().build_extension(ext)
         except Exception as exc:
             self._leave_out(ext, exc)
@@ -174,6 +177,44 @@ class OptionalBuildExt(build_ext):
         )
 
 
+HOST = os.path.join(CSRC, "host.cpp")
+
+
+def torch_dirs() -> tuple[list[str], str] | None:
+    """The installed torch's include directories and library directory, found without
+    importing it (a build never imports or installs torch), or None without a torch."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = list(spec.submodule_search_locations)[0]
+    include = os.path.join(root, "include")
+    if not os.path.isdir(include):
+        return None
+    return [include, os.path.join(include, "torch", "csrc", "api", "include")], os.path.join(root, "lib")
+
+
+def host_extensions() -> list[Extension]:
+    """fastopt._host (csrc/host.cpp), built against the torch installed beside it."""
+    found = torch_dirs()
+    if found is None:
+        return []
+    includes, lib = found
+    return [
+        Extension(
+            "fastopt._host",
+            sources=[HOST],
+            include_dirs=[*includes, sysconfig.get_paths()["include"]],
+            library_dirs=[lib],
+            runtime_library_dirs=[lib],
+            libraries=["c10", "torch_cpu", "torch_python"],
+            extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden"],
+            language="c++",
+        )
+    ]
+
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from build_cuda import cuda_extensions, with_cuda  # noqa: E402 - needs the path above
 
@@ -192,6 +233,7 @@ class BuildExt(with_cuda(OptionalBuildExt)):
 setup(
     ext_modules=[
         Extension("fastopt._C", sources=[BINDINGS, KERNELS], depends=HEADERS, language="c++"),
+        *host_extensions(),
         *cuda_extensions(),
     ],
     cmdclass={"build_ext": BuildExt},

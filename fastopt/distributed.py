@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from . import tensor_lists
+
 _DTENSOR_MODULE = "torch.distributed.tensor"
 
 
@@ -74,8 +76,11 @@ def local_tensors(
     dtensor = _dtensor_cls()
     if dtensor is None:  # no DTensor can exist: nothing to unwrap
         return params, grads, hvps, state
-    # the usual case, no DTensor anywhere, seen from the few distinct types alone
+    # the usual case, no DTensor anywhere: plain tensors (one C++ pass each), or seen from
+    # the few distinct types alone
     lists = [params, grads, *state.values()] if hvps is None else [params, grads, hvps, *state.values()]
+    if tensor_lists.all_plain(lists):
+        return params, grads, hvps, state
     types = set().union(*(map(type, ts) for ts in lists))
     if not any(issubclass(tp, dtensor) for tp in types):
         return params, grads, hvps, state

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from . import backends, distributed
+from . import backends, distributed, tensor_lists
 from .device_scalars import DeviceScalars
 from .scalars import StepScalars, rounding_seed, step_scalars
 from .spec import Curvature, Denominator, Spec
@@ -41,10 +41,7 @@ _BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
 _DEVICE_HOOK_BACKENDS = ("triton", "cuda")
 
 
-_layout, _dtype, _device, _shape, _grad = (
-    operator.attrgetter(a) for a in ("layout", "dtype", "device", "shape", "grad")
-)
-_is_contiguous = torch.Tensor.is_contiguous
+_grad = operator.attrgetter("grad")
 
 
 def check(condition: bool, message: str) -> None:
@@ -135,13 +132,12 @@ def _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state,
     """Step a backend that needs contiguous tensors: non-contiguous ones (channels-last,
     transposed or sliced views, expanded grads) go through contiguous copies, and the
     params' and state's copies are written back."""
-    # (map over the unbound method: no interpreter work per tensor in the usual case)
-    if not all(map(_is_contiguous, grads)):
+    if not tensor_lists.all_contiguous(grads):
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    if hvps is not None and not all(map(_is_contiguous, hvps)):
+    if hvps is not None and not tensor_lists.all_contiguous(hvps):
         hvps = [h if h.is_contiguous() else h.contiguous() for h in hvps]
     written = [params, *state.values()]
-    if all([all(map(_is_contiguous, ts)) for ts in written]):
+    if all([tensor_lists.all_contiguous(ts) for ts in written]):
         backend.step(spec, scalars, params, grads, hvps, state, **options)
         return
     copies = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in written]
@@ -219,14 +215,12 @@ class _Plan:
         "version",
         "scalars",
         "device_scalars",
-        "shapes",
     )
 
     def __init__(
         self, spec: Spec, params: list[torch.Tensor], device: torch.device, dtype: torch.dtype
     ) -> None:
         self.spec, self.params, self.device, self.dtype = spec, params, device, dtype
-        self.shapes = [p.shape for p in params]  # what each gradient must match
         self.state: dict[str, list[torch.Tensor]] | None = None  # created at the first run
         self.states: list[dict[str, Any]] = []
         self.steps: torch.Tensor | None = None
@@ -539,21 +533,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         return _Plan(spec, params, device, dtype)
 
     def _check_grads(self, plan: _Plan, grads: list[torch.Tensor]) -> None:
-        dtype, device, strided = plan.dtype, plan.device, torch.strided
-        # the usual case in a few C-level passes; the loop below finds what is wrong. The
-        # shapes are compared one at a time: a list of all of them would be thousands of
-        # tuples alive at once, which the garbage collector promotes and later sweeps with
-        # a full collection (a third of the step time at 10,000 params)
-        if (
-            set(map(_layout, grads)) == {strided}
-            and set(map(_dtype, grads)) == {dtype}
-            and set(map(_device, grads)) == {device}
-            and len(grads) == len(plan.shapes)
-            and all(map(operator.eq, map(_shape, grads), plan.shapes))
-        ):
+        # the usual case in one pass (C++ where fastopt._host is built); the loop below
+        # finds what is wrong
+        if tensor_lists.all_like(grads, plan.params):
             return
         for p, g in zip(plan.params, grads):
-            if g.layout is not strided or g.dtype is not dtype or g.shape != p.shape or g.device != device:
+            if (
+                g.layout is not torch.strided
+                or g.dtype is not p.dtype
+                or g.shape != p.shape
+                or g.device != p.device
+            ):
                 if g.is_sparse:
                     raise RuntimeError(f"fastopt {type(self).__name__} does not support sparse gradients")
                 if torch.is_complex(g):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import operator
 import os
 
+import numpy as np
 import torch
 
+from .. import tensor_lists
 from ..rule import switches
 from ..scalars import StepScalars
 from ..spec import Spec
@@ -37,9 +39,6 @@ _DTYPE_CODES = {
     torch.bfloat16: 2,
     torch.float16: 3,
 }
-_numel = torch.Tensor.numel
-_is_contiguous = torch.Tensor.is_contiguous
-_data_ptr = torch.Tensor.data_ptr
 _dtype = operator.attrgetter("dtype")
 _switch_cache: dict[tuple, int] = {}
 _support_cache: dict[tuple[Spec, torch.dtype], str | None] = {}
@@ -108,28 +107,29 @@ class _Role:
     __slots__ = ("ptrs", "code", "copies", "written")
 
     def __init__(
-        self, role: str, tensors: list[torch.Tensor], sizes: list[int] | None, written: bool = True
+        self, role: str, tensors: list[torch.Tensor], sizes: np.ndarray | None, written: bool = True
     ) -> None:
         # sizes is None for the params, whose sizes these are
         if sizes is not None and len(tensors) != len(sizes):
             raise ValueError(
                 f"fastopt cpp backend: {len(tensors)} tensors of role {role!r} for {len(sizes)} params"
             )
-        # map() over the unbound methods: no interpreter work per tensor
-        if sizes is not None and list(map(_numel, tensors)) != sizes:
+        # whole-list passes (C++ where fastopt._host is built): no interpreter work per tensor
+        if sizes is not None and not np.array_equal(tensor_lists.numels(tensors), sizes):
             raise ValueError(f"fastopt cpp backend: tensors of role {role!r} differ in size from the params")
         dtypes = set(map(_dtype, tensors))
         dtype = next(iter(dtypes))
         if len(dtypes) != 1 or dtype not in _DTYPE_CODES:
             raise ValueError(f"fastopt cpp backend: role {role!r} needs one supported dtype, got {dtypes}")
-        if tensors[0].device.type != "cpu":
-            raise ValueError(f"fastopt cpp backend: role {role!r} is on {tensors[0].device}, not the CPU")
+        if tensors[0].device.type != "cpu" or not tensor_lists.one_device(tensors):
+            devices = sorted({str(t.device) for t in tensors})
+            raise ValueError(f"fastopt cpp backend: role {role!r} is on {', '.join(devices)}, not the CPU")
         self.code = _DTYPE_CODES[dtype]
         self.written = written
         # (original, contiguous copy): the copies must outlive the call, the kernel only
         # sees their addresses
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if not all(map(_is_contiguous, tensors)):
+        if not tensor_lists.all_contiguous(tensors):
             stepped = []
             for t in tensors:
                 if not t.is_contiguous():
@@ -138,7 +138,7 @@ class _Role:
                     t = c
                 stepped.append(t)
             tensors = stepped
-        self.ptrs = list(map(_data_ptr, tensors))
+        self.ptrs = tensor_lists.addresses(tensors).tolist()
 
     def write_back(self) -> None:
         if self.written:
@@ -162,7 +162,7 @@ def step(
     missing = [r for r in spec.state_roles if r not in state]
     if missing:
         raise KeyError(f"fastopt cpp backend: state roles {missing} missing for {spec.short()}")
-    sizes = list(map(_numel, params))
+    sizes = tensor_lists.numels(params)
     roles = [_Role("params", params, None), _Role("grads", grads, sizes, written=False)]
     roles.append(_Role("hvps", hvps, sizes, written=False) if hvps is not None else None)
     roles += [_Role(r, state[r], sizes) if r in state else None for r in _STATE_ROLES]
@@ -170,7 +170,7 @@ def step(
     _C.step(
         _pack(spec, scalars),
         scalars,
-        sizes,
+        sizes.tolist(),
         [r.ptrs if r is not None else None for r in roles],
         [r.code if r is not None else 0 for r in roles],
         _num_threads(),
@@ -190,9 +190,10 @@ def sum_of_squares(tensors: list[torch.Tensor]) -> float | None:
     dtypes = set(map(_dtype, tensors))
     if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPE_CODES:
         return None
-    if tensors[0].device.type != "cpu" or any(t.device.type != "cpu" for t in tensors):
+    if tensors[0].device.type != "cpu" or not tensor_lists.one_device(tensors):
         return None
-    if not all(map(_is_contiguous, tensors)):
+    if not tensor_lists.all_contiguous(tensors):
         return None
     code = _DTYPE_CODES[tensors[0].dtype]
-    return _C.sum_of_squares(code, list(map(_numel, tensors)), list(map(_data_ptr, tensors)), _num_threads())
+    sizes, ptrs = tensor_lists.numels(tensors).tolist(), tensor_lists.addresses(tensors).tolist()
+    return _C.sum_of_squares(code, sizes, ptrs, _num_threads())

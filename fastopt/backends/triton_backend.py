@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import tensor_lists
 from ..rule import switches
 from ..scalars import StepScalars
 from ..spec import Denominator, Extra, Spec
@@ -215,8 +216,8 @@ def pointer_table(
         raise ValueError("fastopt triton: every role needs one tensor per param")
     ptrs = np.empty((n, len(arrays)), dtype=np.int64)
     for a, ts in enumerate(arrays):
-        ptrs[:, a] = np.fromiter(map(torch.Tensor.data_ptr, ts), dtype=np.int64, count=n)
-    sizes = np.fromiter(map(torch.Tensor.numel, arrays[0]), dtype=np.int64, count=n)
+        ptrs[:, a] = tensor_lists.addresses(ts)
+    sizes = tensor_lists.numels(arrays[0])
     esizes = [ts[0].element_size() for ts in arrays]
     key = (
         str(device),

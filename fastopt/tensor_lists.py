@@ -1,0 +1,93 @@
+"""A step's per-tensor host work over lists of tensors: addresses, sizes, layout checks.
+
+Each function answers for a whole list in one C++ pass where the extension
+``fastopt._host`` is built (a few ns per tensor), else in Python (one attribute call per
+tensor, 35 to 70 ns). The answers are the same either way; the extension also hands
+anything it cannot read (tensor subclasses such as DTensor) back to the Python path.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+
+try:
+    from . import _host
+except Exception:  # not built, or built against another torch: Python does the work
+    _host = None
+
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_is_contiguous = torch.Tensor.is_contiguous
+_layout, _dtype, _device, _shape = (operator.attrgetter(a) for a in ("layout", "dtype", "device", "shape"))
+
+
+def native() -> bool:
+    """Whether the C++ extension does the work here."""
+    return _host is not None
+
+
+def addresses(tensors: list[torch.Tensor]) -> np.ndarray:
+    """Each tensor's ``data_ptr()``, as an int64 array."""
+    if _host is not None:
+        raw = _host.addresses(tensors)
+        if raw is not None:
+            return np.frombuffer(raw, dtype=np.int64)
+    return np.fromiter(map(_data_ptr, tensors), dtype=np.int64, count=len(tensors))
+
+
+def numels(tensors: list[torch.Tensor]) -> np.ndarray:
+    """Each tensor's ``numel()``, as an int64 array."""
+    if _host is not None:
+        raw = _host.numels(tensors)
+        if raw is not None:
+            return np.frombuffer(raw, dtype=np.int64)
+    return np.fromiter(map(_numel, tensors), dtype=np.int64, count=len(tensors))
+
+
+def all_plain(lists: list[list[torch.Tensor]]) -> bool | None:
+    """Whether every item of every list is a torch.Tensor or Parameter, no subclass (so no
+    DTensor); None where only Python could tell (the caller then looks at the types)."""
+    if _host is None:
+        return None
+    return all(map(_host.all_plain, lists))
+
+
+def one_device(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor is on the device of the first."""
+    if _host is not None:
+        answer = _host.one_device(tensors)
+        if answer is not None:
+            return answer
+    return len(set(map(_device, tensors))) <= 1
+
+
+def all_contiguous(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor is contiguous."""
+    if _host is not None:
+        answer = _host.all_contiguous(tensors)
+        if answer is not None:
+            return answer
+    return all(map(_is_contiguous, tensors))
+
+
+def all_like(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> bool:
+    """Whether every tensor is strided with the dtype, device and shape of its twin in
+    ``like`` (a gradient of its parameter)."""
+    if len(tensors) != len(like):
+        return False
+    if _host is not None:
+        index = _host.first_mismatch(tensors, like)
+        if index is not None:
+            return index < 0
+    # shapes are compared one pair at a time: a list of them all would be thousands of
+    # tuples alive at once, which the garbage collector promotes and later sweeps with a
+    # full collection (a third of the step time at 10,000 params)
+    return (
+        set(map(_layout, tensors)) == {torch.strided}
+        and all(map(operator.is_, map(_dtype, tensors), map(_dtype, like)))
+        and all(map(operator.eq, map(_device, tensors), map(_device, like)))
+        and all(map(operator.eq, map(_shape, tensors), map(_shape, like)))
+    )

@@ -1,0 +1,123 @@
+"""fastopt.tensor_lists: the C++ pass (fastopt._host) and the Python one give the same answers.
+
+CI builds fastopt._host, so these tests fail (not skip) without it; each case is also run
+with the extension switched off, which is how fastopt runs where it is not built.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastopt import tensor_lists
+
+
+class Tagged(torch.Tensor):
+    """A tensor subclass: the extension leaves such tensors to Python."""
+
+
+@pytest.fixture(params=["native", "python"])
+def lists(request, monkeypatch):
+    if request.param == "native":
+        if not tensor_lists.native():
+            pytest.fail("fastopt._host is not built: `python -m pip install --no-build-isolation -e .`")
+    else:
+        monkeypatch.setattr(tensor_lists, "_host", None)
+    return tensor_lists
+
+
+def _mixed() -> list[torch.Tensor]:
+    base = torch.arange(24.0).reshape(4, 6)
+    return [
+        torch.zeros(5),
+        torch.nn.Parameter(torch.ones(2, 3)),
+        base[1],  # a view at an offset
+        torch.zeros(0),
+        torch.zeros(3, dtype=torch.bfloat16),
+        torch.zeros(()),
+    ]
+
+
+def test_addresses_and_numels(lists):
+    ts = _mixed()
+    assert lists.addresses(ts).tolist() == [t.data_ptr() for t in ts]
+    assert lists.numels(ts).tolist() == [t.numel() for t in ts]
+    assert lists.addresses([]).tolist() == [] and lists.numels([]).dtype == np.int64
+
+
+def test_contiguity_and_devices(lists):
+    ts = _mixed()
+    assert lists.all_contiguous(ts)
+    base = torch.arange(24.0).reshape(4, 6)
+    assert not lists.all_contiguous([*ts, base[:, 1]])
+    assert not lists.all_contiguous([base.t(), *ts])
+    assert lists.one_device(ts)
+    assert not lists.one_device([*ts, torch.zeros(2, device="meta")])
+    assert lists.one_device([])
+
+
+def test_all_like_finds_each_kind_of_mismatch(lists):
+    params = [torch.zeros(2, 3), torch.nn.Parameter(torch.zeros(4)), torch.zeros(1)]
+    grads = [torch.ones(2, 3), torch.ones(4), torch.ones(1)]
+    assert lists.all_like(grads, params)
+    wrong = {
+        "shape": torch.ones(3, 2),
+        "dtype": torch.ones(4, dtype=torch.float64),
+        "device": torch.ones(4, device="meta"),
+        "layout": torch.ones(4).to_sparse(),
+    }
+    for what, bad in wrong.items():
+        assert not lists.all_like([grads[0], bad, grads[2]], params), what
+    assert not lists.all_like(grads[:2], params)  # one missing
+
+
+def test_subclasses_are_answered_by_python(lists):
+    plain = torch.arange(6.0)
+    tagged = plain.as_subclass(Tagged)
+    ts = [plain, tagged]
+    assert lists.addresses(ts).tolist() == [plain.data_ptr()] * 2
+    assert lists.numels(ts).tolist() == [6, 6]
+    assert lists.all_contiguous(ts)
+    assert lists.all_like(ts, [plain, plain])
+    if lists.native():
+        assert lists.all_plain([[plain], [torch.nn.Parameter(plain)]])
+        assert not lists.all_plain([[plain], ts])
+    else:
+        assert lists.all_plain([[plain]]) is None
+
+
+def test_the_extension_refuses_what_is_not_a_list():
+    if not tensor_lists.native():
+        pytest.fail("fastopt._host is not built")
+    from fastopt import _host
+
+    with pytest.raises(TypeError, match="list of tensors"):
+        _host.addresses((torch.zeros(1),))
+    assert _host.addresses([torch.zeros(1), "not a tensor"]) is None
+    assert _host.first_mismatch([torch.zeros(1)], [torch.zeros(1), torch.zeros(1)]) is None
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_the_optimizer_steps_and_refuses_alike_either_way(lists, backend):
+    import fastopt
+
+    torch.manual_seed(0)
+    p0 = [torch.randn(4, 3), torch.randn(5)]
+    ours = [p.clone().requires_grad_() for p in p0]
+    ref = [p.clone().requires_grad_() for p in p0]
+    opt = fastopt.Adam(ours, lr=0.1, backend=backend)
+    twin = torch.optim.Adam(ref, lr=0.1)
+    for _ in range(3):
+        grads = [torch.randn(3, 4).t(), torch.randn(5)]  # the first is not contiguous
+        for a, b, g in zip(ours, ref, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        twin.step()
+    for a, b in zip(ours, ref):
+        # fp32 storage, three steps: the fused kernel's roundings against torch's ops
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ours[1].grad = torch.ones(5)
+    ours[1].grad.data = torch.ones(6)  # past the .grad setter's size check
+    with pytest.raises(RuntimeError, match="does not match its parameter"):
+        opt.step()
