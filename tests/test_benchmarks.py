@@ -225,3 +225,31 @@ def test_failures_are_logged_as_they_happen(tmp_path):
     text = log.read_text()
     assert text.count("==== ") == 1 and "test_probe.py::test_fails (call)" in text
     assert "the planted failure" in text
+
+
+def test_host_overhead_benchmark_writes_every_provider(tmp_path, capsys):
+    from bench import host_overhead
+    from fastopt.backends import triton_backend, triton_kernels
+
+    before = (triton_kernels.step_kernel, triton_backend.unavailable_reason, triton_backend._device_ok)
+    assert host_overhead.main(["--params", "30,70", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "host_overhead_cpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    measured = {(int(r["params"]), r["provider"]) for r in rows if r["us_per_step"]}
+    expected = {
+        "fastopt-cpp",
+        "torch-fused",
+        "torch-foreach",
+        "fastopt-triton-host",
+        "fastopt-triton-host-python",
+    }
+    assert measured == {(n, name) for n in (30, 70) for name in expected}
+    assert all(float(r["us_per_step"]) > 0 for r in rows)
+    assert (tmp_path / "host_overhead_cpu.png").stat().st_size > 0
+    assert "fastopt-triton-host" in capsys.readouterr().out
+    # the stubbed launch is put back afterwards
+    assert (
+        triton_kernels.step_kernel,
+        triton_backend.unavailable_reason,
+        triton_backend._device_ok,
+    ) == before
