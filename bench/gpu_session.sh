@@ -20,11 +20,12 @@ export FASTOPT_CUDA_ARCH=${FASTOPT_CUDA_ARCH:-90}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
-# fastopt._C (CPU) and fastopt._cuda (build_cuda.py, run by setup.py where nvcc and a CUDA
-# torch are present); a failed build leaves that backend out, which the tests then report
+# fastopt._C (CPU), fastopt._host (the step's host passes, against this torch) and
+# fastopt._cuda (build_cuda.py, run by setup.py where nvcc and a CUDA torch are present);
+# a failed build leaves that part out, which the tests then report
 start=$SECONDS
 python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || echo "pip install failed: see build.log"
-python3 -c "import fastopt; print({k: v or 'ok' for k, v in fastopt.available_backends().items()})" | tee -a "$out/gpu.txt"
+python3 -c "import fastopt; from fastopt import tensor_lists; print({k: v or 'ok' for k, v in fastopt.available_backends().items()}, 'host passes in C++:', tensor_lists.native())" | tee -a "$out/gpu.txt"
 echo "build: $((SECONDS - start)) s"
 
 case "$stage" in
@@ -38,7 +39,7 @@ tests)
         tests/test_triton_backend.py tests/test_cuda_backend.py tests/test_gpu_matrix.py tests/test_amp_device_hooks.py \
         tests/test_capturable.py tests/test_distributed.py tests/test_reliability_hostile.py \
         tests/test_reliability_determinism.py tests/test_reliability_checkpoint.py \
-        tests/test_reliability_amp.py tests/test_reliability_scale.py \
+        tests/test_reliability_amp.py tests/test_reliability_scale.py tests/test_step_footprint.py \
         --deselect tests/test_cuda_backend.py::test_cuda_sources_compile 2>&1 | tee "$out/gpu_tests.log"
     ;;
 bench)
