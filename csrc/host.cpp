@@ -61,6 +61,32 @@ PyObject* numels(PyObject*, PyObject* list) {
   return int64_bytes(list, [](const at::Tensor& t) { return static_cast<int64_t>(t.numel()); });
 }
 
+// grads(params): each param's .grad as a new list, or None if a param has none or is not a
+// plain tensor (the caller then reads them in Python).
+PyObject* grads(PyObject*, PyObject* list) {
+  if (!plain_tensors(list, "params")) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(list);
+  PyObject* out = PyList_New(n);
+  if (out == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor& grad = tensor_at(list, i).grad();
+    if (!grad.defined()) {
+      Py_DECREF(out);
+      Py_RETURN_NONE;
+    }
+    PyObject* wrapped = THPVariable_Wrap(grad);  // the grad's own Python object
+    if (wrapped == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, i, wrapped);
+  }
+  return out;
+}
+
 PyObject* all_plain(PyObject*, PyObject* list) {
   if (plain_tensors(list, "the argument")) Py_RETURN_TRUE;
   if (PyErr_Occurred()) return nullptr;
@@ -126,6 +152,7 @@ PyObject* first_mismatch(PyObject*, PyObject* args) {
 PyMethodDef methods[] = {
     {"addresses", addresses, METH_O, "data_ptr() of each tensor, as int64 bytes (None: ask Python)."},
     {"numels", numels, METH_O, "numel() of each tensor, as int64 bytes (None: ask Python)."},
+    {"grads", grads, METH_O, "Each param's .grad, or None if one has none (or is not a plain tensor)."},
     {"all_plain", all_plain, METH_O, "Whether every item is a torch.Tensor or Parameter (no subclass)."},
     {"one_device", one_device, METH_O, "Whether every tensor is on the first one's device (None: ask Python)."},
     {"all_contiguous", all_contiguous, METH_O, "Whether every tensor is contiguous (None: ask Python)."},

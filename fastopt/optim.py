@@ -12,7 +12,6 @@ import math
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from itertools import repeat
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,9 +38,6 @@ _BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
 # Backends whose step() takes the gradient multiplier and found_inf as device tensors
 # (and a stochastic-rounding seed), and that give a global grad norm as a device tensor.
 _DEVICE_HOOK_BACKENDS = ("triton", "cuda")
-
-
-_grad = operator.attrgetter("grad")
 
 
 def check(condition: bool, message: str) -> None:
@@ -485,13 +481,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         if type(self.state) is not _TrackedState:  # replaced wholesale (load_state_dict, by hand)
             self.state = _TrackedState(dict, self.state)
             self._plans = {}
-        # one read of each .grad, the usual case (every param has one) in C-level passes
-        grads = list(map(_grad, group["params"]))
-        if all(map(operator.is_not, grads, repeat(None))):
+        # the usual case, every param with a gradient, in one pass
+        grads = tensor_lists.grads(group["params"])
+        if grads is not None:
             params = list(group["params"])  # a copy: the plan must not see later edits
         else:
-            params = [p for p, g in zip(group["params"], grads) if g is not None]
-            grads = [g for g in grads if g is not None]
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
         if not params:  # (after the above: _step_groups reads self.state.version)
             return None
         plan = self._plans.get(index)

@@ -9,6 +9,7 @@ anything it cannot read (tensor subclasses such as DTensor) back to the Python p
 from __future__ import annotations
 
 import operator
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -21,12 +22,23 @@ except Exception:  # not built, or built against another torch: Python does the 
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 _is_contiguous = torch.Tensor.is_contiguous
+_grad = operator.attrgetter("grad")
 _layout, _dtype, _device, _shape = (operator.attrgetter(a) for a in ("layout", "dtype", "device", "shape"))
 
 
 def native() -> bool:
     """Whether the C++ extension does the work here."""
     return _host is not None
+
+
+def grads(params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Each param's ``.grad`` if every param has one, else None."""
+    if _host is not None and type(params) is list:
+        found = _host.grads(params)
+        if found is not None:
+            return found
+    found = list(map(_grad, params))
+    return found if all(map(operator.is_not, found, repeat(None))) else None
 
 
 def addresses(tensors: list[torch.Tensor]) -> np.ndarray:

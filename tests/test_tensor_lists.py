@@ -39,6 +39,20 @@ def _mixed() -> list[torch.Tensor]:
     ]
 
 
+def test_grads_are_the_params_own_objects(lists):
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.zeros(2, requires_grad=True)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    found = lists.grads(params)
+    assert found is not None and all(g is p.grad for g, p in zip(found, params))
+    params[1].grad = None
+    assert lists.grads(params) is None
+    assert lists.grads([]) == []
+    tagged = torch.zeros(2).as_subclass(Tagged).requires_grad_()
+    tagged.grad = torch.ones(2)
+    assert lists.grads([tagged])[0] is tagged.grad
+
+
 def test_addresses_and_numels(lists):
     ts = _mixed()
     assert lists.addresses(ts).tolist() == [t.data_ptr() for t in ts]
