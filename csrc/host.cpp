@@ -5,12 +5,14 @@
 // an H100 takes to run Adam over 1000 x 64k elements. Here they cost a few ns each.
 //
 // Unlike fastopt._C this module links libtorch (it reads the tensors themselves), so it is
-// built against the installed torch and only works with that torch; fastopt falls back
-// to Python (fastopt/tensor_lists.py) where it is missing or fails to import. Every
+// built against the installed torch and only used with that torch version (TORCH_VERSION
+// below); fastopt falls back to Python (fastopt/tensor_lists.py) where it is missing, fails
+// to import or was built for another torch. Every
 // function takes a list of tensors and returns None when it cannot answer for all of
 // them (a tensor subclass, a tensor without storage): the caller then asks Python.
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/version.h>
 
 #include <cstdint>
 #include <exception>
@@ -166,4 +168,19 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_host", "A step's per-tensor host 
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__host() { return PyModule_Create(&module); }
+// The torch this module was compiled against: the Python side uses it only with that very
+// torch, since the tensor layouts its inlined accessors read may change between versions.
+#define FASTOPT_STR2(x) #x
+#define FASTOPT_STR(x) FASTOPT_STR2(x)
+
+PyMODINIT_FUNC PyInit__host() {
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  const char* built_for =
+      FASTOPT_STR(TORCH_VERSION_MAJOR) "." FASTOPT_STR(TORCH_VERSION_MINOR) "." FASTOPT_STR(TORCH_VERSION_PATCH);
+  if (PyModule_AddStringConstant(m, "TORCH_VERSION", built_for) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -3,21 +3,34 @@
 Each function answers for a whole list in one C++ pass where the extension
 ``fastopt._host`` is built (a few ns per tensor), else in Python (one attribute call per
 tensor, 35 to 70 ns). The answers are the same either way; the extension also hands
-anything it cannot read (tensor subclasses such as DTensor) back to the Python path.
+anything it cannot read (tensor subclasses such as DTensor) back to the Python path. It
+reads tensor internals through torch's inlined C++ accessors, so it is used only with the
+torch version it was compiled against: after a torch upgrade, Python does the work until
+fastopt is rebuilt.
 """
 
 from __future__ import annotations
 
 import operator
 from itertools import repeat
+from typing import Any
 
 import numpy as np
 import torch
 
+
+def _usable(module: Any) -> Any:
+    """``module`` if it was compiled against the running torch's version, else None (its
+    inlined readers of tensor internals assume that version's layouts)."""
+    built_for = getattr(module, "TORCH_VERSION", None)
+    return module if built_for == torch.__version__.split("+")[0] else None
+
+
 try:
-    from . import _host
-except Exception:  # not built, or built against another torch: Python does the work
-    _host = None
+    from . import _host as _built
+except Exception:  # not built, or not loadable: Python does the work
+    _built = None
+_host = _usable(_built) if _built is not None else None
 
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel

@@ -135,3 +135,17 @@ def test_the_optimizer_steps_and_refuses_alike_either_way(lists, backend):
     ours[1].grad.data = torch.ones(6)  # past the .grad setter's size check
     with pytest.raises(RuntimeError, match="does not match its parameter"):
         opt.step()
+
+
+def test_the_extension_is_used_only_with_the_torch_it_was_built_for():
+    class Built:
+        TORCH_VERSION = torch.__version__.split("+")[0]
+
+    class BuiltForAnother:
+        TORCH_VERSION = "1.0.0"
+
+    assert tensor_lists._usable(Built) is Built
+    assert tensor_lists._usable(BuiltForAnother) is None
+    assert tensor_lists._usable(object()) is None  # no version recorded
+    if tensor_lists.native():
+        assert tensor_lists._host.TORCH_VERSION == torch.__version__.split("+")[0]
