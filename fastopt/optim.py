@@ -395,6 +395,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         a gradient) instead of computing them: for curvature estimates made elsewhere."""
         self._step_groups([self.group_spec(g) for g in self.param_groups], hvps)
 
+    # The step hands raw addresses to fused kernels, which torch.compile cannot trace: in a
+    # compiled training step it runs as it is, between the compiled graphs around it.
+    @torch.compiler.disable
     def _step_groups(self, specs: list[Spec], hvps: dict[torch.Tensor, torch.Tensor]) -> None:
         try:
             self._step_planned(specs, hvps)
