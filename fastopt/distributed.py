@@ -17,6 +17,7 @@ DDP and ``ZeroRedundancyOptimizer`` hand the optimizer plain tensors and need no
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections import defaultdict
 from typing import Any
@@ -196,10 +197,9 @@ def _squared_sum(ts: list[torch.Tensor]) -> torch.Tensor:
         # one threaded C++ pass per dtype, summed in float64, where the extension is built
         from .backends import cpp_backend
 
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
-        for t in ts:
-            by_dtype[t.dtype].append(t)
-        sums = [cpp_backend.sum_of_squares(group) for group in by_dtype.values()]
+        dtypes = set(map(operator.attrgetter("dtype"), ts))
+        groups = [ts] if len(dtypes) == 1 else [[t for t in ts if t.dtype == d] for d in dtypes]
+        sums = [cpp_backend.sum_of_squares(group) for group in groups]
         if None not in sums:
             return torch.tensor(sum(sums), dtype=torch.float64)
     norms = torch._foreach_norm(ts, 2.0)
