@@ -54,22 +54,23 @@ def grads(params: list[torch.Tensor]) -> list[torch.Tensor] | None:
     return found if all(map(operator.is_not, found, repeat(None))) else None
 
 
-def addresses(tensors: list[torch.Tensor]) -> np.ndarray:
-    """Each tensor's ``data_ptr()``, as an int64 array."""
+def _int64_each(name: str, method: Any, tensors: list[torch.Tensor]) -> np.ndarray:
+    """``method`` of each tensor as an int64 array: ``_host.<name>`` where it answers."""
     if _host is not None:
-        raw = _host.addresses(tensors)
+        raw = getattr(_host, name)(tensors)
         if raw is not None:
             return np.frombuffer(raw, dtype=np.int64)
-    return np.fromiter(map(_data_ptr, tensors), dtype=np.int64, count=len(tensors))
+    return np.fromiter(map(method, tensors), dtype=np.int64, count=len(tensors))
+
+
+def addresses(tensors: list[torch.Tensor]) -> np.ndarray:
+    """Each tensor's ``data_ptr()``, as an int64 array."""
+    return _int64_each("addresses", _data_ptr, tensors)
 
 
 def numels(tensors: list[torch.Tensor]) -> np.ndarray:
     """Each tensor's ``numel()``, as an int64 array."""
-    if _host is not None:
-        raw = _host.numels(tensors)
-        if raw is not None:
-            return np.frombuffer(raw, dtype=np.int64)
-    return np.fromiter(map(_numel, tensors), dtype=np.int64, count=len(tensors))
+    return _int64_each("numels", _numel, tensors)
 
 
 def all_plain(lists: list[list[torch.Tensor]]) -> bool | None:
