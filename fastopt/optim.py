@@ -147,10 +147,14 @@ def _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state,
 class _Bucket:
     """Params of a plan that have taken the same number of steps (usually all of them)."""
 
-    __slots__ = ("t", "indices")
+    __slots__ = ("t", "indices", "carried", "before")
 
-    def __init__(self, t: int, indices: list[int] | None) -> None:
+    def __init__(self, t: int, indices: list[int] | None, carried: float | None = None) -> None:
         self.t, self.indices = t, indices
+        # a product the rule carries from step to step (NAdam's mu_product), up to step t
+        self.carried = carried
+        # (t, carried) before the last step, put back if its found_inf turns out set
+        self.before = (t, carried)
 
 
 class _TrackedState(defaultdict):
@@ -355,6 +359,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _extra_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> None:
         """Subclass hook: state entries torch keeps beyond the rule's (NAdam's mu_product)."""
 
+    def _carried(self, group: dict[str, Any], state: dict[str, Any], t: int) -> float | None:
+        """Subclass hook: the product that a param's state carries from its ``t`` earlier
+        steps into the step's scalars (NAdam's mu_product), or None where the rule carries
+        none. Read on the host when a plan takes over the state; the plan carries it on."""
+        return None
+
     def _after_step(
         self,
         group: dict[str, Any],
@@ -362,11 +372,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         t: int,
         taken: torch.Tensor | None,
         t_device: torch.Tensor | None = None,
-    ) -> None:
-        """Subclass hook: update those extra entries after a step at step number t. With a
-        device-side found_inf, ``taken`` is a 0-dim bool device tensor (whether the kernels
-        took the step) and the entries live on that device. A capturable step gives its step
+        carried: float | None = None,
+    ) -> float | None:
+        """Subclass hook: update those extra entries after a step at step number t, and
+        return the host's copy of the carried product (``carried``, before the step) after
+        it. With a device-side found_inf, ``taken`` is a 0-dim bool device tensor (whether
+        the kernels took the step) and the entries live on that device; the host's copy
+        assumes the step was taken (it is put back if not). A capturable step gives its step
         number as the device tensor ``t_device`` (the host's t is not replayed)."""
+        return carried
 
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()
@@ -457,18 +471,23 @@ class FusedOptimizer(torch.optim.Optimizer):
                 plan.version = version
 
     def _check_scalars(self, index: int, group: dict[str, Any], plan: _Plan) -> None:
+        steps: dict[int, float | None] = {}  # step number -> the product carried into it
         if plan.state is None:  # not yet stepped by this plan: the counts are in the state
-            steps = {self._steps_from_state(self.state.get(p) or {}) + 1 for p in plan.params}
+            for p in plan.params:
+                state = self.state.get(p) or {}
+                t = self._steps_from_state(state) + 1
+                if t not in steps:
+                    steps[t] = self._carried(group, state, t - 1)
         else:
-            steps = {bucket.t + 1 for bucket in plan.buckets}
+            steps = {bucket.t + 1: bucket.carried for bucket in plan.buckets}
         hyper = self.group_hyper(group)
         plan.scalars = {}
         lr = group["lr"]
         if group.get("capturable") and isinstance(lr, torch.Tensor):
             lr = 1.0  # read on the device (a host read would sync); it is checked >= 0 when set
-        for t in steps:
+        for t, carried in steps.items():
             try:
-                plan.scalars[t] = step_scalars(plan.spec, hyper, t, lr=float(lr))
+                plan.scalars[t] = step_scalars(plan.spec, hyper, t, lr=float(lr), mu_product=carried)
             except (ArithmeticError, ValueError) as exc:  # mu = 1 under bias correction: 0 / 0
                 raise ValueError(
                     f"param group {index}: its hyperparameters define no step {t} of "
@@ -656,7 +675,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if float(host.sum()) != 0.0:
             for plan in stepped:
                 for bucket in plan.buckets:
-                    bucket.t -= 1
+                    bucket.t, bucket.carried = bucket.before
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict, after settling whether the last step was skipped."""
@@ -680,7 +699,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         for bucket in plan.buckets:
             scalars = plan.scalars.get(bucket.t + 1)  # computed by _check_scalars this step
             if scalars is None:
-                scalars = step_scalars(spec, self.group_hyper(group), bucket.t + 1, lr=float(group["lr"]))
+                hyper = self.group_hyper(group)
+                scalars = step_scalars(
+                    spec, hyper, bucket.t + 1, lr=float(group["lr"]), mu_product=bucket.carried
+                )
             if grad_scale != 1.0:
                 scalars = scalars._replace(grad_scale=grad_scale)
             idx = bucket.indices
@@ -707,8 +729,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             elif hooked:  # the seed makes a resumed run round bf16 state as the original did
                 options = dict(hooks, seed=rounding_seed(bucket.t + 1, index))
             self._launch(plan.backend, spec, scalars, params, grads, hvps, state, options)
+            bucket.before = (bucket.t, bucket.carried)
             bucket.t += 1
-            self._after_step(group, states, bucket.t, taken, t_device)
+            bucket.carried = self._after_step(group, states, bucket.t, taken, t_device, bucket.carried)
         if capturable:
             if taken is not None:
                 plan.steps.sub_(taken.logical_not().to(plan.steps.dtype))
@@ -723,7 +746,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if made is None or made[0] != hyper:
             # the device's step count is the truth (the host's may lag after replays)
             start = int(float(plan.steps[0])) if plan.steps is not None else plan.buckets[0].t
-            made = plan.device_scalars = (hyper, DeviceScalars(plan.spec, hyper, plan.device, index, start))
+            # a carried product (NAdam's) continues from the state's, on the device
+            product = self._carried(group, plan.states[0], start) if plan.states else None
+            made = plan.device_scalars = (
+                hyper,
+                DeviceScalars(plan.spec, hyper, plan.device, index, start, product=product),
+            )
         return made[1]
 
     def _launch(
@@ -780,9 +808,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         for i, t in enumerate(counts):
             by_count[t].append(i)
         if len(by_count) == 1:
-            plan.buckets = [_Bucket(counts[0], None)]
+            plan.buckets = [_Bucket(counts[0], None, self._carried(group, states[0], counts[0]))]
         else:
-            plan.buckets = [_Bucket(t, idx) for t, idx in sorted(by_count.items())]
+            plan.buckets = [
+                _Bucket(t, idx, self._carried(group, states[idx[0]], t))
+                for t, idx in sorted(by_count.items())
+            ]
         if plan.backend is None:
             plan.backend = backends.choose(self.backend, spec, plan.device, plan.dtype)
 
@@ -930,8 +961,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             for name, tensor in value.items():
                 if name == "step" or not isinstance(tensor, torch.Tensor):
                     continue
-                dtype = torch.float32 if name == master else self.state_dtype
-                if dtype is not None and p.is_floating_point() and tensor.dtype != self.state[p][name].dtype:
+                if name in self.extra_state_keys:  # NAdam's mu_product: kept as it was saved
+                    dtype = tensor.dtype
+                elif name == master:
+                    dtype = torch.float32
+                else:
+                    dtype = self.state_dtype
+                if dtype is not None and p.is_floating_point() and self.state[p][name].dtype != dtype:
                     self.state[p][name] = tensor.to(device=self.state[p][name].device, dtype=dtype)
         for group in self.param_groups:
             for key, value in self.defaults.items():

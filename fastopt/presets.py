@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .optim import FusedOptimizer, ParamsT, check
-from .scalars import nadam_mu
+from .scalars import nadam_hyper, nadam_mu, nadam_mu_product
 from .spec import (
     Accumulation,
     Curvature,
@@ -350,24 +350,42 @@ class NAdam(_AdamFamily):
         return PRESETS["nadam"].spec.replace(maximize=bool(maximize), weight_decay=wd)
 
     def _extra_state(self, group, p, state) -> None:
-        if "mu_product" not in state:
-            state["mu_product"] = torch.ones((), dtype=torch.float32)
+        if "mu_product" not in state:  # in torch's scalar dtype, as torch.optim.NAdam keeps it
+            dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            state["mu_product"] = torch.ones((), dtype=dtype)
 
-    def _after_step(self, group, states, t, taken, t_device=None) -> None:
+    def _carried(self, group, state, t) -> float:
+        """prod_{i <= t} mu_i from 'mu_product', into which torch multiplies each step's mu_t
+        at that step's beta1 (OneCycleLR's cycle_momentum changes it) and which it steps
+        with. Where the stored product is the current beta1's own to the precision of its
+        dtype (float32 under torch's default), the float64 value is used: a run resumed
+        from a checkpoint then steps as the uninterrupted run did."""
+        stored = state.get("mu_product")
+        if stored is None or t == 0:
+            return 1.0
+        value = float(stored)
+        exact = nadam_mu_product(t, *nadam_hyper(self.group_hyper(group)))
+        info = torch.finfo(stored.dtype) if isinstance(stored, torch.Tensor) else torch.finfo(torch.float64)
+        # t roundings of a product of factors below 1; and below the normal range, zero
+        if abs(value - exact) <= 2 * (t + 1) * info.eps * exact + info.tiny:
+            return exact
+        return value
+
+    def _after_step(self, group, states, t, taken, t_device=None, carried=None):
         b1, psi = float(group["betas"][0]), float(group["momentum_decay"])
+        mu_t = nadam_mu(t, b1, psi)
         products = [st["mu_product"] for st in states]
-        if not products:
-            return
         if t_device is not None:  # capturable: mu_t from the device's step count
             mu = nadam_mu(t_device.to(products[0].dtype), b1, psi)
         elif taken is not None:
-            mu = torch.full((), nadam_mu(t, b1, psi), dtype=products[0].dtype, device=taken.device)
+            mu = torch.full((), mu_t, dtype=products[0].dtype, device=taken.device)
         else:
-            torch._foreach_mul_(products, nadam_mu(t, b1, psi))
-            return
+            torch._foreach_mul_(products, mu_t)
+            return None if carried is None else carried * mu_t
         if taken is not None:  # a factor of 1 where found_inf skipped the step
             mu = torch.where(taken, mu, 1.0)
         torch._foreach_mul_(products, mu)
+        return None if carried is None else carried * mu_t
 
 
 class RAdam(_AdamFamily):

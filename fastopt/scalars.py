@@ -249,16 +249,24 @@ def scalars_for(
     )
 
 
-def step_scalars(spec: Spec, h: dict[str, Any], t: int, lr: float | None = None) -> StepScalars:
+def step_scalars(
+    spec: Spec, h: dict[str, Any], t: int, lr: float | None = None, mu_product: float | None = None
+) -> StepScalars:
     """The scalars of step ``t`` (1-based) for a param group's hyperparameters ``h``.
 
     ``h`` uses fastopt's generic names: lr, mu, nu, eps, weight_decay, dampening,
     mu_max, nu_max, momentum_decay, lr_decay. ``lr`` overrides ``h['lr']``.
+    ``mu_product``: under the NAdam schedule, prod_{i < t} mu_i as carried from the earlier
+    steps (torch.optim.NAdam's 'mu_product' state, which follows a beta1 changed during the
+    run); by default the product of the schedule at the current beta1.
     """
     if t < 1:
         raise ValueError(f"step must be >= 1, got {t}")
     base_lr = float(h["lr"] if lr is None else lr)
-    return scalars_for(spec, h, t, base_lr, lambda t, mu_t: nadam_mu_product(t, *nadam_hyper(h)))
+    if mu_product is None:
+        return scalars_for(spec, h, t, base_lr, lambda t, mu_t: nadam_mu_product(t, *nadam_hyper(h)))
+    carried = float(mu_product)
+    return scalars_for(spec, h, t, base_lr, lambda t, mu_t: carried * mu_t)
 
 
 _SEED_MODULUS = 1 << 31

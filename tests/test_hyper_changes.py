@@ -1,0 +1,165 @@
+"""Hyperparameters changed during a run, as torch's schedulers change them.
+
+OneCycleLR and CyclicLR cycle Adam-family beta1 (``cycle_momentum``, on by default)
+between steps. torch.optim.NAdam multiplies each step's mu_t, at that step's beta1, into
+its 'mu_product' state and steps with that product; fastopt's NAdam steps with the
+product it carries in the same state, on every backend and through skipped AMP steps and
+checkpoints. (A product recomputed at the current beta1 differs from torch's by ~1e-4
+relative after a few cycled steps.)
+
+Tolerances: float64 against torch, 30 steps, the same algebra in another order: 1e-10
+relative (tests/test_torch_parity.py). The Triton kernels in fp32: KERNEL_TOL.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from helpers import KERNEL_TOL, needs_triton, small_grads, small_params
+from optim_db import cpu_backends
+
+import fastopt
+
+F64_TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _cycled_pair(make_ours, steps: int, dtype: torch.dtype, device="cpu"):
+    """fastopt.NAdam and torch.optim.NAdam under OneCycleLR with cycle_momentum."""
+    ours = [p.detach().to(dtype).requires_grad_() for p in small_params(device)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt_ours, opt_theirs = make_ours(ours), torch.optim.NAdam(theirs, lr=1e-2)
+    scheds = [
+        torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=steps + 1, base_momentum=0.8)
+        for o in (opt_ours, opt_theirs)
+    ]
+    seen = set()
+    for step in range(steps):
+        seen.add(opt_theirs.param_groups[0]["betas"][0])
+        for a, b, g in zip(ours, theirs, small_grads(step, device)):
+            a.grad, b.grad = g.to(dtype), g.to(dtype).clone()
+        opt_ours.step()
+        opt_theirs.step()
+        for s in scheds:
+            s.step()
+    assert len(seen) > steps // 2  # it did cycle beta1
+    return ours, theirs, opt_ours, opt_theirs
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_nadam_follows_a_cycled_beta1_like_torch(backend, float64_default):
+    ours, theirs, opt_ours, opt_theirs = _cycled_pair(
+        lambda ps: fastopt.NAdam(ps, lr=1e-2, backend=backend), 30, torch.float64
+    )
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **F64_TOL)
+    for p, q in zip(ours, theirs):
+        assert float(opt_ours.state[p]["mu_product"]) == pytest.approx(
+            float(opt_theirs.state[q]["mu_product"]), rel=1e-12
+        )
+
+
+@needs_triton
+def test_nadam_follows_a_cycled_beta1_on_triton(triton_device):
+    ours, theirs, *_ = _cycled_pair(
+        lambda ps: fastopt.NAdam(ps, lr=1e-2, backend="triton"), 12, torch.float32, triton_device
+    )
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **KERNEL_TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("capturable", [False, True], ids=["eager", "capturable"])
+def test_skipped_steps_do_not_advance_the_carried_product(triton_device, capturable):
+    """beta1 changed at every step, found_inf set on some: the device path (the host's copy
+    of the product put back after a skipped step; capturable: the device's product made
+    anew from the state when beta1 changes) equals the torch backend, which skips on the
+    host."""
+    flags = [0, 1, 0, 1, 1, 0, 0]
+    results = []
+    for backend in ("triton", "torch"):
+        params = small_params(triton_device)
+        kw = dict(capturable=True) if backend == "triton" and capturable else {}
+        opt = fastopt.NAdam(params, lr=1e-2, backend=backend, **kw)
+        for step, flag in enumerate(flags):
+            opt.param_groups[0]["betas"] = (0.9 - 0.02 * step, 0.999)
+            for p, g in zip(params, small_grads(step, triton_device, 512.0)):
+                p.grad = g
+            opt.grad_scale = torch.full((1,), 512.0, device=triton_device)
+            opt.found_inf = torch.full((1,), float(flag), device=triton_device)
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+        results.append((params, opt))
+    (ours, opt), (theirs, ref) = results
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **KERNEL_TOL)
+    for p, q in zip(ours, theirs):
+        # float32 state (torch's scalar dtype), seven roundings: the capturable path computes
+        # mu_t in float32 on the device, the host path in float64
+        torch.testing.assert_close(
+            opt.state[p]["mu_product"].cpu(), ref.state[q]["mu_product"].cpu(), rtol=1e-6, atol=0
+        )
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_nadam_continues_a_torch_checkpoint_with_a_beta1_history(backend, float64_default):
+    """Ten torch steps at a different beta1 each, checkpointed; fastopt continues exactly as
+    torch does from the same checkpoint (the product is read from the state)."""
+    params = small_params("cpu")
+    src = torch.optim.NAdam(params, lr=1e-2)
+    for step in range(10):
+        src.param_groups[0]["betas"] = (0.8 + 0.015 * step, 0.999)
+        for p, g in zip(params, small_grads(step, "cpu")):
+            p.grad = g
+        src.step()
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    runs = []
+    for make in (
+        lambda ps: fastopt.NAdam(ps, lr=1e-2, backend=backend),
+        lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+    ):
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        opt = make(ps)
+        buf.seek(0)
+        opt.load_state_dict(torch.load(buf, weights_only=True))
+        for step in range(10, 20):
+            for p, g in zip(ps, small_grads(step, "cpu")):
+                p.grad = g
+            opt.step()
+        runs.append(ps)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, **F64_TOL)
+
+
+def test_nadam_resumes_bit_identically_from_float32_state():
+    """float64 params under torch's float32 default dtype, in which NAdam keeps mu_product:
+    a constant beta1's product is recognised in the rounded state, so a run resumed from a
+    checkpoint steps with the same float64 scalars as the uninterrupted run (with the
+    rounded product itself it would be off in the last bits)."""
+    grads = [[g.double() for g in small_grads(step, "cpu")] for step in range(12)]
+
+    def run(params, opt, steps):
+        for step in steps:
+            for p, g in zip(params, grads[step]):
+                p.grad = g.clone()
+            opt.step()
+
+    def fresh():
+        return [p.detach().double().requires_grad_() for p in small_params("cpu")]
+
+    straight = fresh()
+    run(straight, fastopt.NAdam(straight, lr=1e-2), range(12))
+    params = fresh()
+    opt = fastopt.NAdam(params, lr=1e-2)
+    run(params, opt, range(6))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    resumed = fastopt.NAdam(params, lr=1e-2)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert all(s["mu_product"].dtype == torch.float32 for s in resumed.state.values())
+    run(params, resumed, range(6, 12))
+    for a, b in zip(params, straight):
+        assert torch.equal(a, b)
