@@ -38,6 +38,8 @@ _BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
 # Backends whose step() takes the gradient multiplier and found_inf as device tensors
 # (and a stochastic-rounding seed), and that give a global grad norm as a device tensor.
 _DEVICE_HOOK_BACKENDS = ("triton", "cuda")
+# the options that are not hyperparameters (attributes of the optimizer) and their defaults
+_OPTIONS: dict[str, Any] = dict(backend="auto", max_grad_norm=None, state_dtype=None, master_weights=False)
 
 
 def check(condition: bool, message: str) -> None:
@@ -157,42 +159,129 @@ class _Bucket:
         self.before = (t, carried)
 
 
-class _TrackedState(defaultdict):
-    """``optimizer.state`` that counts its changes, so that a cached plan notices state
-    replaced from outside (``ZeroRedundancyOptimizer.load_state_dict`` assigns
-    ``optim.state[param]`` directly)."""
+class _Counter:
+    """The change count shared by ``optimizer.state`` and each param's state dict."""
 
-    def __init__(self, default_factory: Any = dict, *args: Any, **kwargs: Any) -> None:
-        super().__init__(default_factory, *args, **kwargs)
+    __slots__ = ("version",)
+
+    def __init__(self) -> None:
         self.version = 0
 
+
+class _ParamState(dict):
+    """One param's state: replacing, adding or removing an entry (``state[p]['exp_avg'] =
+    ...``, ``state[p].clear()``) counts as a change of ``optimizer.state``, so a cached plan
+    takes the state anew, as torch.optim reads it at every step."""
+
+    __slots__ = ("_counter",)
+
+    def __init__(self, counter: _Counter, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._counter = counter
+
     def __setitem__(self, key: Any, value: Any) -> None:
-        self.version += 1
+        self._counter.version += 1
         super().__setitem__(key, value)
 
     def __delitem__(self, key: Any) -> None:
-        self.version += 1
+        self._counter.version += 1
         super().__delitem__(key)
 
     def clear(self) -> None:
-        self.version += 1
+        self._counter.version += 1
         super().clear()
 
     def pop(self, *args: Any) -> Any:
-        self.version += 1
+        self._counter.version += 1
         return super().pop(*args)
 
     def popitem(self) -> Any:
-        self.version += 1
+        self._counter.version += 1
         return super().popitem()
 
     def setdefault(self, *args: Any) -> Any:
-        self.version += 1
+        self._counter.version += 1
         return super().setdefault(*args)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        self.version += 1
+        self._counter.version += 1
         super().update(*args, **kwargs)
+
+    def __ior__(self, other: Any) -> _ParamState:
+        self._counter.version += 1
+        return super().__ior__(other)
+
+    def __reduce__(self) -> Any:
+        # pickled (torch.save) and copied as the plain dict torch.optim keeps: loadable with
+        # weights_only, and a copy is no longer this optimizer's
+        return (dict, (dict(self),))
+
+
+class _TrackedState(defaultdict):
+    """``optimizer.state`` that counts its changes and those of each param's state dict, so
+    that a cached plan notices state replaced or edited from outside
+    (``ZeroRedundancyOptimizer.load_state_dict`` assigns ``optim.state[param]`` directly)."""
+
+    def __init__(self, default_factory: Any = dict, *args: Any, **kwargs: Any) -> None:
+        super().__init__(default_factory, *args, **kwargs)
+        self._counter = _Counter()
+        for key, value in self.items():
+            dict.__setitem__(self, key, self._own(value))
+
+    @property
+    def version(self) -> int:
+        return self._counter.version
+
+    def _own(self, value: Any) -> Any:
+        """A param's state dict, as one whose edits this optimizer sees."""
+        if isinstance(value, dict) and not (
+            isinstance(value, _ParamState) and value._counter is self._counter
+        ):
+            return _ParamState(self._counter, value)
+        return value
+
+    def __missing__(self, key: Any) -> Any:
+        if self.default_factory is None:
+            raise KeyError(key)
+        value = self[key] = self.default_factory()
+        return self[key] if isinstance(value, dict) else value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._counter.version += 1
+        super().__setitem__(key, self._own(value))
+
+    def __delitem__(self, key: Any) -> None:
+        self._counter.version += 1
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        self._counter.version += 1
+        super().clear()
+
+    def pop(self, *args: Any) -> Any:
+        self._counter.version += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self._counter.version += 1
+        return super().popitem()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other: Any) -> _TrackedState:
+        self.update(other)
+        return self
+
+    def __reduce__(self) -> Any:
+        # pickled and copied as the defaultdict torch.optim keeps
+        return (defaultdict, (self.default_factory, dict(self)))
 
 
 class _Plan:
@@ -274,6 +363,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     keeps_step: ClassVar[bool] = True
     # state entries beyond the rule's roles and 'step' (NAdam's mu_product)
     extra_state_keys: ClassVar[tuple[str, ...]] = ()
+    # the keyword options that are not hyperparameters, with their defaults
+    option_defaults: ClassVar[dict[str, Any]] = _OPTIONS
 
     def __init__(
         self,
@@ -323,6 +414,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         )
         self._init_options(backend, max_grad_norm, state_dtype, master_weights)
         super().__init__(params, defaults)
+        self._track_state()
 
     # -- options that are not hyperparameters -------------------------------------------
     def _init_options(
@@ -345,6 +437,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._plans: dict[int, _Plan] = {}
         # a step whose found_inf stayed on the device: (a host copy of it, event, plans)
         self._skip_pending: tuple | None = None
+
+    def _track_state(self) -> None:
+        """``optimizer.state`` as one whose changes (and its params' entries') reach the
+        cached plans. Done at construction, so that a handle taken then stays the state."""
+        if type(self.state) is not _TrackedState:
+            self.state = _TrackedState(dict, self.state)
+            self._plans = {}
 
     # -- what subclasses translate ------------------------------------------------------
     def group_spec(self, group: dict[str, Any]) -> Spec:
@@ -500,9 +599,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         The plan (validated params, state lists, step counts) is cached while the set of
         params with gradients stays the same; the gradients are checked every step.
         """
-        if type(self.state) is not _TrackedState:  # replaced wholesale (load_state_dict, by hand)
-            self.state = _TrackedState(dict, self.state)
-            self._plans = {}
+        self._track_state()  # (replaced wholesale by hand?)
         # the usual case, every param with a gradient, in one pass
         grads = tensor_lists.grads(group["params"])
         if grads is not None:
@@ -680,7 +777,28 @@ class FusedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict, after settling whether the last step was skipped."""
         self._settle_skipped_step()
-        return super().state_dict()
+        saved = super().state_dict()
+        # each param's state as the plain dict torch.optim gives (same tensors)
+        saved["state"] = {k: dict(v) if isinstance(v, _ParamState) else v for k, v in saved["state"].items()}
+        return saved
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch.optim's pickled state (defaults, state, param groups) with the options that
+        are not hyperparameters: a deep copy, or an optimizer saved whole, steps on."""
+        self._settle_skipped_step()
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in _OPTIONS})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # also how torch's load_state_dict installs the loaded state and groups
+        super().__setstate__(state)
+        for name, default in _OPTIONS.items():
+            if not hasattr(self, name):
+                setattr(self, name, default)
+        self._track_state()
+        self._plans = {}
+        self._skip_pending = None
 
     def _run_group(
         self,
@@ -923,8 +1041,31 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"state of param {key} lacks {missing}: a checkpoint of another rule?")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch.optim's loader, after checking state shapes (nothing changes on error)."""
+        """torch.optim's loader, after checking state shapes (nothing changes on error).
+
+        As in torch, load_state_dict pre-hooks see (and may replace) the state_dict first,
+        and post-hooks run when it is loaded."""
         self._settle_skipped_step()
+        state_dict = state_dict.copy()  # (torch's shallow copy: a hook may edit it)
+        pre_hooks, post_hooks = (
+            self._optimizer_load_state_dict_pre_hooks,
+            self._optimizer_load_state_dict_post_hooks,
+        )
+        for hook in pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        # torch's loader below must not run the hooks a second time
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        try:
+            self._load_checked(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _load_checked(self, state_dict: dict[str, Any]) -> None:
         groups = self.param_groups
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or "state" not in state_dict:

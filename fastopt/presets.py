@@ -162,16 +162,19 @@ class _TorchTwin(FusedOptimizer):
     """Base of the presets that mirror a torch.optim class."""
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], options: dict[str, Any]) -> None:
-        if options.get("differentiable"):
+        if options.pop("differentiable", False):
             raise NotImplementedError(f"fastopt {type(self).__name__} does not support differentiable=True")
+        unknown = sorted(set(options) - set(self.option_defaults))
+        if unknown:  # as Python's own message: a misspelt option must not go unnoticed
+            raise TypeError(
+                f"{type(self).__name__}.__init__() got an unexpected keyword argument {unknown[0]!r}"
+            )
         self._init_options(
-            options.pop("backend", "auto"),
-            options.pop("max_grad_norm", None),
-            options.pop("state_dtype", None),
-            options.pop("master_weights", False),
+            **{name: options.get(name, default) for name, default in self.option_defaults.items()}
         )
         torch_optimizer_init = super(FusedOptimizer, self).__init__
         torch_optimizer_init(params, defaults)
+        self._track_state()
 
     def group_spec(self, group: dict[str, Any]) -> Spec:
         return _cached_spec(type(self), *(group.get(k) for k in self._spec_keys))
@@ -361,7 +364,7 @@ class NAdam(_AdamFamily):
         dtype (float32 under torch's default), the float64 value is used: a run resumed
         from a checkpoint then steps as the uninterrupted run did."""
         stored = state.get("mu_product")
-        if stored is None or t == 0:
+        if stored is None:
             return 1.0
         value = float(stored)
         exact = nadam_mu_product(t, *nadam_hyper(self.group_hyper(group)))
