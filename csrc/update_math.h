@@ -179,12 +179,13 @@ FASTOPT_HD FASTOPT_INLINE void update(T& p, T g, T h, T& m, T& v, T& vmax, T& ga
       if constexpr (EPS_INSIDE) a = a + sc.eps;
       v = fo_maximum(v * sc.v_decay, a);
     } else {
+      // the weight first, as torch's addcmul: (w c) c is finite up to |c| ~ sqrt(max / w)
       if constexpr (NORM == 2) {
-        a = c * c;
+        a = c * sc.v_weight * c;
       } else {
-        a = fo_abs(c);
+        a = fo_abs(c) * sc.v_weight;
       }
-      v = v * sc.v_decay + a * sc.v_weight;
+      v = v * sc.v_decay + a;
     }
     if constexpr (CENTERED) gavg = gavg * sc.v_decay + c * sc.v_weight;
     T x;
@@ -260,7 +261,7 @@ FASTOPT_HD FASTOPT_INLINE void update(T& p, T g, T h, T& m, T& v, T& vmax, T& ga
   } else {
     step = s * sc.lr;
   }
-  if constexpr (ADADELTA) u = u * sc.v_decay + s * s * sc.v_weight;
+  if constexpr (ADADELTA) u = u * sc.v_decay + s * sc.v_weight * s;
   p = p - step;
 }
 

@@ -65,11 +65,12 @@ def update(
                 a = a + eps
             v = maximum(v * v_decay, a)
         else:
+            # the weight first, as torch's addcmul: (w c) c is finite up to |c| ~ sqrt(max / w)
             if NORM == 2:
-                a = c * c
+                a = c * v_weight * c
             else:
-                a = absolute(c)
-            v = v * v_decay + a * v_weight
+                a = absolute(c) * v_weight
+            v = v * v_decay + a
         if CENTERED:
             gavg = gavg * v_decay + c * v_weight
         if AMSGRAD:
@@ -126,7 +127,7 @@ def update(
     else:
         step = s * lr
     if ADADELTA:
-        u = u * v_decay + s * s * v_weight
+        u = u * v_decay + s * v_weight * s
     p = p - step
     return p, m, v, vmax, gavg, u
 

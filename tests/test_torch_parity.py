@@ -14,6 +14,8 @@ import pytest
 import torch
 from optim_db import case_id, cpu_backends, matrix
 
+import fastopt
+
 STEPS = 50
 CASES = matrix()
 
@@ -81,3 +83,21 @@ def test_parity_test_detects_a_difference():
     ob.step()
     with pytest.raises(AssertionError):
         torch.testing.assert_close(a[0], b[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name", ["RMSprop", "Adadelta"])
+def test_huge_gradients_are_squared_after_weighting_as_in_torch(name, backend):
+    """fp32 gradients of 5e19: g * g overflows fp32, (1 - alpha) g * g (torch's addcmul
+    order, alpha 0.99 and rho 0.9 by default) does not, so torch takes a finite step;
+    fastopt takes the same one."""
+    ours, theirs = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    opt_ours = getattr(fastopt, name)([ours], lr=0.1, backend=backend)
+    opt_theirs = getattr(torch.optim, name)([theirs], lr=0.1)
+    for _ in range(3):
+        g = torch.tensor([5e19, -3e19, 1.0])
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    assert torch.isfinite(theirs).all() and (theirs != 1.0).all()  # the case is the one meant
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-6)
