@@ -111,7 +111,10 @@ PRESETS: dict[str, Preset] = {
         momentum=M.NESTEROV, mu_schedule=S.NADAM, **_ADAM_DENOM,
     ),
     "radam": _p("RAdam", "RAdam (rectified Adam)", _ADAM_H, **_ADAM_MOMENTUM, **_ADAM_DENOM, extra=Extra.RADAM),
-    # Dozat, Table 2: the three norms of bias-corrected Adam (lr .001/.002/.005)
+    # Dozat, Table 3 (CM rows): the three norms of bias-corrected Adam, lr .001/.002/.005 as
+    # in Table 2. The L-inf denominator is Adamax's running max with the scheduled nu_t
+    # applied to it directly (fastopt's reading: the paper leaves p -> inf with a decaying
+    # mean open; taken as the limit of the means, bias correction would vanish)
     "adam_l1": _p(None, "Adam with the L1 norm (Dozat)", dict(_ADAM_H, lr=1e-3), **_ADAM_MOMENTUM, **_ADAM_DENOM, norm=N.L1),
     "adam_linf": _p(
         None, "Adam with the L-inf norm and bias-corrected nu (Dozat)", dict(_ADAM_H, lr=5e-3),

@@ -85,6 +85,12 @@ def _where(cond: bool | torch.Tensor, a: Value, b: Value) -> Value:
     return torch.where(cond, a, b)
 
 
+def _cap(h: dict[str, Any], key: str, default: float) -> float:
+    """The INCREASING schedule's cap: the hyperparameter where it is set (0 included)."""
+    value = h.get(key)
+    return default if value is None else float(value)
+
+
 def increasing_mu(t: Value, mu_max: float) -> Value:
     """Sutskever et al.'s schedule: 1 - 2^(-1 - log2(floor(t / 250) + 1)), capped."""
     return _minimum(1.0 - 2.0 ** (-1.0 - _log2(_floor(t / 250) + 1)), mu_max)
@@ -132,7 +138,7 @@ def _momentum_coefficients(
     nesterov = spec.momentum == Momentum.NESTEROV
     sched = spec.mu_schedule
     if spec.momentum_accumulation == Accumulation.SUM:
-        cap = float(h.get("mu_max") or mu)
+        cap = _cap(h, "mu_max", mu)
         mu_t = increasing_mu(t, cap) if sched == Schedule.INCREASING else mu
         mu_next = increasing_mu(t + 1, cap) if sched == Schedule.INCREASING else mu
         # torch.optim.SGD starts the buffer at the first gradient, undamped.
@@ -152,7 +158,7 @@ def _momentum_coefficients(
             return 1.0, 1.0, 1.0 / (t + 1), 1.0 / t
         return 1.0, 1.0, 1.0 / t, 0.0
     if sched == Schedule.INCREASING:
-        mu_max = float(h.get("mu_max") or mu)
+        mu_max = _cap(h, "mu_max", mu)
         mu_t, mu_next = increasing_mu(t, mu_max), increasing_mu(t + 1, mu_max)
         return mu_t, 1.0 - mu_t, (mu_next if nesterov else 1.0), ((1.0 - mu_t) if nesterov else 0.0)
     if sched == Schedule.NADAM:
@@ -181,7 +187,7 @@ def _denominator_coefficients(spec: Spec, h: dict[str, Any], t: Value) -> tuple[
         elif sched == Schedule.TRUE_MEAN:
             nu_t = (t - 1) / t
         else:
-            nu_t = increasing_mu(t, float(h.get("nu_max") or nu))
+            nu_t = increasing_mu(t, _cap(h, "nu_max", nu))
         return nu_t, 1.0, 1.0
     if sched == Schedule.CONSTANT:
         return nu, 1.0 - nu, 1.0
@@ -190,7 +196,7 @@ def _denominator_coefficients(spec: Spec, h: dict[str, Any], t: Value) -> tuple[
     if sched == Schedule.TRUE_MEAN:
         return 1.0, 1.0, 1.0 / t
     if sched == Schedule.INCREASING:
-        nu_t = increasing_mu(t, float(h.get("nu_max") or nu))
+        nu_t = increasing_mu(t, _cap(h, "nu_max", nu))
         return nu_t, 1.0 - nu_t, 1.0
     raise AssertionError(sched)
 

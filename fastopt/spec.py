@@ -101,7 +101,9 @@ class Schedule(enum.IntEnum):
     CONSTANT: mu_t = mu.
     BIAS_CORRECTION: mu_t = mu (1 - mu^(t-1)) / (1 - mu^t) (Kingma & Ba's correction).
     TRUE_MEAN: mu_t = (t - 1) / t, the limit mu -> 1 of BIAS_CORRECTION.
-    INCREASING: mu_t = min(1 - 2^(-1 - log2(floor(t / 250) + 1)), mu_max) (Sutskever et al.).
+    INCREASING: mu_t = min(1 - 2^(-1 - log2(floor(t / 250) + 1)), mu_max) (Sutskever et al.,
+        whose schedule Dozat adapts). It starts at mu_1 = 0.5, so a MEAN accumulator is
+        biased towards zero at first (Dozat's footnote 1: a schedule with mu_1 = 0 is not).
     NADAM: torch.optim.NAdam's momentum schedule mu_t = beta1 (1 - 0.5 * 0.96^(t psi)),
         with the bias correction by the running product of mu (momentum only).
     """

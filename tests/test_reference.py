@@ -12,7 +12,7 @@ from optim_db import cpu_backends
 
 from fastopt import presets
 from fastopt.reference import Reference
-from fastopt.spec import Spec, WeightDecay, family
+from fastopt.spec import Schedule, Spec, WeightDecay, family
 
 FAMILY = list(family())
 # every hyperparameter set away from its neutral value, so every coefficient matters
@@ -52,6 +52,21 @@ def test_orthogonal_switches_match_reference(backend):
             ours, ref = run_backend_vs_reference(s, HYPER, SHAPES, steps=3, backend=backend)
             if not max_rel_err(ours, ref) < 1e-10:
                 failures.append(s.short())
+    assert not failures, failures[:10]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_explicit_zero_cap_pins_the_increasing_schedule(backend):
+    """mu_max = nu_max = 0 is a cap, not "unset": every INCREASING spec agrees with the
+    reference (which pins mu_t = nu_t = 0) rather than falling back to mu and nu."""
+    hyper = dict(HYPER, mu_max=0.0, nu_max=0.0)
+    specs = [s for s in FAMILY if Schedule.INCREASING in (s.mu_schedule, s.nu_schedule)][::5]
+    assert specs
+    failures = []
+    for spec in specs:
+        ours, ref = run_backend_vs_reference(spec, hyper, SHAPES, steps=3, backend=backend)
+        if not max_rel_err(ours, ref) < 1e-10:
+            failures.append(spec.short())
     assert not failures, failures[:10]
 
 
