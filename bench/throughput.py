@@ -16,7 +16,7 @@ Effective bandwidth counts the bytes a step must move: params read and written, 
 
 Usage: ``python -m bench.throughput [--device cpu|cuda] [--quick] [--optimizers adam,...]
 [--out bench/results]``; writes ``throughput_<device>.csv`` and ``.png`` (``_quick`` added
-for a quick run).
+for a quick run, ``_partial`` for a subset of the optimizers or param sets).
 """
 
 from __future__ import annotations
@@ -510,6 +510,18 @@ def run_case(
     return rows
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -519,8 +531,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--optimizers", default=",".join(c.name for c in CASES), help="comma-separated")
     parser.add_argument("--param-sets", default=None, help="comma-separated names (default: all of the mode)")
     parser.add_argument("--out", default=os.path.join("bench", "results"))
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 11, quick 5)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiles, creates state)")
+    parser.add_argument(
+        "--repeats", type=_at_least(1), default=None, help="timed rounds (default 11, quick 5)"
+    )
+    parser.add_argument(
+        "--warmup", type=_at_least(0), default=3, help="untimed steps first (compiles, creates state)"
+    )
     parser.add_argument(
         "--compiled",
         default="auto",
@@ -598,8 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     for line in check_targets(rows, primary):
         print("  " + line)
     os.makedirs(args.out, exist_ok=True)
-    # a quick run must not overwrite the committed results of a full one
-    stem = os.path.join(args.out, f"throughput_{device.type}{'_quick' if args.quick else ''}")
+    # a quick or partial run must not overwrite the committed results of a full one
+    partial = args.param_sets is not None or cases != list(CASES)
+    suffix = "_quick" if args.quick else "_partial" if partial else ""
+    stem = os.path.join(args.out, f"throughput_{device.type}{suffix}")
     write_csv(rows, stem + ".csv")
     write_png(
         rows, stem + ".png", f"optimizer step throughput, {meta['device_name']}, torch {torch.__version__}"

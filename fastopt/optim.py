@@ -395,6 +395,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         check(0.0 <= nu <= 1.0, f"Invalid nu value: {nu}")
         check(eps >= 0.0, f"Invalid epsilon value: {eps}")
         check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
+        check(0.0 <= dampening <= 1.0, f"Invalid dampening value: {dampening}")
+        check(lr_decay >= 0.0, f"Invalid lr_decay value: {lr_decay}")
+        check(
+            initial_accumulator_value >= 0.0,
+            f"Invalid initial_accumulator_value value: {initial_accumulator_value}",
+        )
+        check(momentum_decay >= 0.0, f"Invalid momentum_decay value: {momentum_decay}")
+        for name, cap in (("mu_max", mu_max), ("nu_max", nu_max)):
+            check(cap is None or 0.0 <= cap <= 1.0, f"Invalid {name} value: {cap}")
         if not isinstance(spec, Spec):
             raise TypeError(f"spec must be a fastopt Spec, got {type(spec).__name__}")
         defaults = dict(
@@ -780,6 +789,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved = super().state_dict()
         # each param's state as the plain dict torch.optim gives (same tensors)
         saved["state"] = {k: dict(v) if isinstance(v, _ParamState) else v for k, v in saved["state"].items()}
+        for group in saved["param_groups"]:  # (torch's copies) a group's Spec as its key string:
+            if isinstance(group.get("spec"), Spec):  # a checkpoint loads with weights_only
+                group["spec"] = group["spec"].key()
         return saved
 
     def __getstate__(self) -> dict[str, Any]:
@@ -997,9 +1009,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             }
             pairs = [(p, gr) for p, gr in zip(params, grads) if p in curv and gr is not None]
             us = [torch.randn_like(p) for p, _ in pairs]
-            hv = torch.autograd.grad(
-                [gr for _, gr in pairs], [p for p, _ in pairs], grad_outputs=us, allow_unused=True
-            )
+            # a gradient without a graph (the loss is linear in that param) has H u = 0
+            live = [i for i, (_, gr) in enumerate(pairs) if gr.requires_grad]
+            hv: list[torch.Tensor | None] = [None] * len(pairs)
+            if live:
+                found = torch.autograd.grad(
+                    [pairs[i][1] for i in live], [pairs[i][0] for i in live], grad_outputs=[us[i] for i in live],
+                    allow_unused=True,
+                )  # fmt: skip
+                for i, h in zip(live, found):
+                    hv[i] = h
         for p, gr in zip(params, grads):
             p.grad = None if gr is None else gr.detach()
         hvps = {p: (torch.zeros_like(p) if h is None else h.detach()) for (p, _), h in zip(pairs, hv)}

@@ -45,7 +45,9 @@ def taso_lr(
         raise ValueError(f"TASO needs the total number of epochs or steps, got {total}")
     if lr_f is None:
         lr_f = lr_i / 20.0
-    return lr_i / (1.0 + math.exp(alpha * (k / total - beta))) + lr_f
+    # past e^709 (k well beyond k_t) the sigmoid's term is below any lr: it has settled at lr_f
+    exponent = alpha * (k / total - beta)
+    return (lr_i / (1.0 + math.exp(exponent)) if exponent < 700.0 else 0.0) + lr_f
 
 
 class _FunctionScheduler(LRScheduler):

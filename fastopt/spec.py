@@ -311,6 +311,10 @@ def _why_invalid(s: Spec) -> str | None:  # noqa: C901 - one rule per line reads
             return "for the L1 norm (v + eps)^1 equals v^1 + eps: eps placement has no effect"
         if s.amsgrad and s.norm == Norm.LINF:
             return "AMSGrad's running max adds nothing to the LINF running max"
+        if s.amsgrad and (s.denominator == Denominator.SUM or s.nu_schedule == Schedule.TRUE_MEAN):
+            # AMSGrad keeps the max of the stored accumulator (torch: the uncorrected one); a
+            # sum of squares, or the true mean's raw sum, only grows: the max is itself
+            return "AMSGrad's running max adds nothing to an accumulator that never decreases (a sum)"
     if s.extra == Extra.ADADELTA:
         if not (s.denominator == Denominator.MEAN and s.norm == Norm.L2 and s.momentum == Momentum.NONE):
             return "ADADELTA needs an L2 MEAN denominator and no momentum"

@@ -126,9 +126,17 @@ def run(family_stride: int = 7, steps: int = 5, seed: int = 0) -> bool:
     return ok
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 steps would check nothing and pass)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastopt verify", description=__doc__)
-    parser.add_argument("--stride", type=int, default=7, help="check every Nth spec of the family")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--stride", type=_positive, default=7, help="check every Nth spec of the family")
+    parser.add_argument("--steps", type=_positive, default=5, help="steps of each spec (at least 1)")
     args = parser.parse_args(argv)
     return 0 if run(args.stride, args.steps) else 1

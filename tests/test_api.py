@@ -120,6 +120,21 @@ def test_egd_uses_the_hessian_vector_product():
     np.testing.assert_allclose(x.detach().numpy(), ref.params[0], rtol=1e-10)
 
 
+def test_egd_steps_a_param_whose_gradient_is_constant():
+    """A loss linear in one param: its gradient has no graph, its H u is 0 (the step is
+    then the gradient over eps-limited zero curvature), and the other param's H u is used."""
+    lin = torch.nn.Linear(3, 1, dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    hyper = dict(lr=0.05, nu=0.999, eps=1e-4)
+    opt = presets.make("egd", [lin.bias, lin.weight], **hyper)
+    before = lin.bias.detach().clone()
+    loss = opt.step(lambda: lin(x).sum() + (lin.weight**2).sum())
+    assert torch.isfinite(loss)
+    ref = Reference(presets.spec("egd"), hyper, [before.numpy()])
+    ref.step([np.full(1, 5.0)], [np.zeros(1)])  # d loss / d bias = 5, H u = 0
+    np.testing.assert_allclose(lin.bias.detach().numpy(), ref.params[0], rtol=1e-12)
+
+
 def test_backends_report():
     report = fastopt.available_backends()
     assert report["torch"] is None

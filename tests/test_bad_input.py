@@ -124,3 +124,18 @@ def test_generic_optimizer_checks_hyperparameters():
         fastopt.FusedOptimizer([torch.zeros(1, requires_grad=True)])
     with pytest.raises(ValueError, match="max_grad_norm"):
         fastopt.FusedOptimizer([torch.zeros(1, requires_grad=True)], spec=spec, max_grad_norm=0.0)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("dampening", -0.1), ("dampening", 1.5), ("lr_decay", -1.5), ("initial_accumulator_value", -1.0),
+        ("momentum_decay", float("nan")), ("mu_max", 1.5), ("nu_max", float("nan")), ("mu_max", -0.1),
+    ],
+)  # fmt: skip
+def test_generic_optimizer_refuses_bad_secondary_hyperparameters(name, value):
+    """Each would step to NaN or flip the lr's sign (lr_decay = -1.5 at step 2) silently."""
+    with pytest.raises(ValueError, match=f"Invalid {name} value"):
+        fastopt.FusedOptimizer(
+            [torch.zeros(1, requires_grad=True)], spec=fastopt.presets.spec("adam"), **{name: value}
+        )

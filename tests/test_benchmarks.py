@@ -86,7 +86,7 @@ def test_main_writes_table_csv_and_png(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "speedup of fastopt-cpp" in out and "Targets:" in out
-    with open(tmp_path / "throughput_cpu.csv") as f:
+    with open(tmp_path / "throughput_cpu_partial.csv") as f:
         rows = list(csv.DictReader(f))
     assert set(throughput.CSV_COLUMNS) <= set(rows[0])
     providers = {(r["optimizer"], r["provider"]) for r in rows}
@@ -96,7 +96,7 @@ def test_main_writes_table_csv_and_png(tmp_path, capsys):
     assert len(timed) == 4 and all(float(r["ms_median"]) > 0 and float(r["gbps"]) > 0 for r in timed)
     compiled = [r for r in rows if r["provider"] == "torch-compiled" and r["optimizer"] == "adam"]
     assert compiled and compiled[0]["note"].startswith("not measured")
-    assert (tmp_path / "throughput_cpu.png").stat().st_size > 1000
+    assert (tmp_path / "throughput_cpu_partial.png").stat().st_size > 1000
 
 
 def test_main_rejects_unknown_names(tmp_path):

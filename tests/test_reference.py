@@ -55,6 +55,37 @@ def test_orthogonal_switches_match_reference(backend):
     assert not failures, failures[:10]
 
 
+def test_family_lists_each_rule_once():
+    """No two specs of the family step alike: 8 reference steps of every spec give distinct
+    params. Gradients and H u are drawn separately, every hyperparameter is away from
+    neutral, and the data reach every switch: three elements' gradients shrink a
+    hundredfold after three steps (a decaying accumulator decreases: AMSGrad's max
+    matters), three stay below initial_accumulator_value (it decides a SUM max: eps
+    placement matters). Equal rules agree to rounding; distinct ones differ by far more
+    than the 1e-9 the comparison rounds to."""
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(6)
+    scale = [
+        np.array([1.0, 1.0, 1.0, 0.01, 0.01, 0.01]) * (1.0 if k < 3 else 0.01) ** (np.arange(6) < 3)
+        for k in range(8)
+    ]
+    grads = [rng.standard_normal(6) * sc for sc in scale]
+    hvps = [rng.standard_normal(6) * sc for sc in scale]
+    # no weight decay (not a switch of the family): it would keep the shrunk gradients large
+    hyper = dict(HYPER, weight_decay=0.0)
+    seen: dict[tuple, str] = {}
+    duplicates = []
+    for spec in FAMILY:
+        ref = Reference(spec, hyper, [p0])
+        for g, hv in zip(grads, hvps):
+            ref.step([g], [hv])
+        key = tuple(np.round(ref.params[0], 9))
+        if key in seen:
+            duplicates.append((spec.short(), seen[key]))
+        seen[key] = spec.short()
+    assert not duplicates, (len(duplicates), duplicates[:5])
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_explicit_zero_cap_pins_the_increasing_schedule(backend):
     """mu_max = nu_max = 0 is a cap, not "unset": every INCREASING spec agrees with the

@@ -85,6 +85,18 @@ def test_scheduler_state_round_trip():
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.5**4)
 
 
+def test_taso_settles_at_its_final_lr_far_past_the_end():
+    """Steps far beyond k_t (a scheduler stepped per batch with total in epochs): the
+    sigmoid's term vanishes instead of overflowing math.exp."""
+    assert schedules.taso_lr(1.0, 2930, 100) == 1.0 / 20
+    opt = fastopt.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = schedules.TASO(opt, total=2)
+    for _ in range(200):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0 / 20)
+
+
 def test_invalid_schedule_arguments():
     opt = fastopt.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     with pytest.raises(ValueError, match="total"):

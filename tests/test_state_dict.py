@@ -64,6 +64,28 @@ def test_generic_optimizer_checkpoint_loads_weights_only():
     assert int(again.state_dict()["state"][0]["step"]) == 3
 
 
+def test_group_holding_a_spec_checkpoints_with_weights_only():
+    """A group may hold a Spec object: its state_dict saves the key string, so the
+    checkpoint loads with torch.load's default weights_only and continues the rule."""
+    params = _fresh()
+    nadam = fastopt.presets.spec("nadam_dozat")
+    opt = fastopt.FusedOptimizer(
+        [{"params": params[:1], "spec": nadam}, {"params": params[1:]}], spec=fastopt.presets.spec("adam")
+    )
+    _train(opt, params, torch.Generator().manual_seed(0), 3)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert saved["param_groups"][0]["spec"] == nadam.key()
+    assert isinstance(opt.param_groups[0]["spec"], fastopt.spec.Spec)  # the optimizer's own is kept
+    other = fastopt.FusedOptimizer(
+        [{"params": params[:1]}, {"params": params[1:]}], spec=fastopt.presets.spec("adam")
+    )
+    other.load_state_dict(saved)
+    assert other.group_spec(other.param_groups[0]) == nadam
+
+
 def test_mismatched_state_shape_is_refused_and_nothing_changes():
     params = _fresh()
     opt = fastopt.Adam(params, lr=0.1)
