@@ -71,18 +71,62 @@ def test_schedulers_give_the_same_trajectory_on_fastopt_and_torch(make_sched):
 
 
 def test_scheduler_state_round_trip():
+    """Resumed as torch's schedulers are: the optimizer's state (its lr) and the scheduler's."""
     p = torch.zeros(1, requires_grad=True)
     opt = fastopt.SGD([p], lr=1.0)
     sched = schedules.StepDecay(opt, step_size=1, gamma=0.5)
     for _ in range(3):
         opt.step()
         sched.step()
-    state = sched.state_dict()
     opt2 = fastopt.SGD([p], lr=1.0)
     sched2 = schedules.StepDecay(opt2, step_size=1, gamma=0.5)
-    sched2.load_state_dict(state)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
     sched2.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.5**4)
+
+
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (lambda o: schedules.StepDecay(o, step_size=3, gamma=0.5), lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5)),
+        (
+            lambda o: schedules.ExponentialDecay(o, rate=0.9),
+            lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9),
+        ),
+    ],
+    ids=["step", "exponential"],
+)  # fmt: skip
+def test_schedulers_chain_with_a_warmup_as_torch_s_do(ours, theirs):
+    """In a ChainedScheduler after LinearLR's warmup, the decay multiplies the warmed-up lr
+    (a closed-form schedule would overwrite the warmup)."""
+    lrs = []
+    for make in (ours, theirs):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=4)
+        sched = torch.optim.lr_scheduler.ChainedScheduler([warmup, make(opt)])
+        seq = []
+        for _ in range(10):
+            seq.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        lrs.append(seq)
+    assert lrs[0][1] != lrs[0][0] and lrs[0][0] < 0.2  # the warmup is there
+    assert lrs[0] == pytest.approx(lrs[1], rel=1e-12)
+
+
+def test_taso_chains_with_a_warmup():
+    """TASO after a warmup: the product of the two factors at every step."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=4)
+    sched = torch.optim.lr_scheduler.ChainedScheduler([warmup, schedules.TASO(opt, total=10)])
+    for k in range(12):
+        factor = 0.1 + 0.9 * min(k, 4) / 4
+        assert opt.param_groups[0]["lr"] == pytest.approx(
+            factor * schedules.taso_lr(1.0, k + 1, 10), rel=1e-12
+        )
+        opt.step()
+        sched.step()
 
 
 def test_taso_settles_at_its_final_lr_far_past_the_end():
@@ -103,3 +147,17 @@ def test_invalid_schedule_arguments():
         schedules.TASO(opt, total=0)
     with pytest.raises(ValueError, match="step_size"):
         schedules.StepDecay(opt, step_size=0)
+    for bad in (dict(gamma=-0.5), dict(gamma=0.0), dict(step_size=2.5)):
+        with pytest.raises(ValueError, match="gamma|step_size"):
+            schedules.StepDecay(opt, **bad)
+    for bad in (dict(alpha=float("nan")), dict(final_ratio=-0.1)):
+        with pytest.raises(ValueError, match="TASO"):
+            schedules.TASO(opt, total=10, **bad)
+    with pytest.raises(ValueError, match="step_size"):
+        schedules.step_decay_lr(1.0, 3, step_size=0)
+    with pytest.raises(ValueError, match="every"):
+        schedules.exponential_decay_lr(1.0, 3, every=0)
+    with pytest.raises(ValueError, match="k must be"):
+        schedules.step_decay_lr(1.0, -5)
+    with pytest.raises(ValueError, match="counts from 1"):
+        schedules.taso_lr(1.0, 0, 10)
