@@ -390,6 +390,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     ) -> None:
         if spec is None:
             raise TypeError("FusedOptimizer needs a spec (see fastopt.presets.spec(name))")
+        if isinstance(lr, bool) or not isinstance(lr, int | float | torch.Tensor):
+            raise TypeError(f"lr must be a number or a 1-element tensor, got {type(lr).__name__}")
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
         check(lr >= 0.0, f"Invalid learning rate: {lr}")
         check(0.0 <= mu <= 1.0, f"Invalid mu value: {mu}")
         check(0.0 <= nu <= 1.0, f"Invalid nu value: {nu}")

@@ -163,8 +163,10 @@ class Spec:
             value = getattr(self, field.name)
             kind = _FIELD_TYPES[field.name]
             try:
+                if kind is bool and value not in (0, 1):  # (False == 0, True == 1) not "False"
+                    raise ValueError(value)
                 coerced = kind(value)
-            except (ValueError, KeyError) as exc:
+            except (ValueError, KeyError, TypeError) as exc:
                 raise SpecError(f"Spec.{field.name}: {value!r} is not a {kind.__name__}") from exc
             object.__setattr__(self, field.name, coerced)
         problem = _why_invalid(self)

@@ -29,6 +29,8 @@ def test_spec_rejects_invalid_combinations_with_reasons():
         Spec(denominator=2, norm=1, centered=True)
     with pytest.raises(SpecError, match="not a"):
         Spec(norm=7)
+    with pytest.raises(SpecError, match="not a bool"):
+        Spec(maximize="False")  # a truthy string must not switch maximize on
 
 
 def test_spec_is_hashable_and_round_trips_through_its_key():

@@ -124,6 +124,10 @@ def test_generic_optimizer_checks_hyperparameters():
         fastopt.FusedOptimizer([torch.zeros(1, requires_grad=True)])
     with pytest.raises(ValueError, match="max_grad_norm"):
         fastopt.FusedOptimizer([torch.zeros(1, requires_grad=True)], spec=spec, max_grad_norm=0.0)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        fastopt.FusedOptimizer([torch.zeros(1, requires_grad=True)], spec=spec, lr="0.1")
+    with pytest.raises(ValueError, match="1-element"):
+        fastopt.FusedOptimizer([torch.zeros(1, requires_grad=True)], spec=spec, lr=torch.tensor([0.1, 0.2]))
 
 
 @pytest.mark.parametrize(
