@@ -188,13 +188,14 @@ FASTOPT_HD FASTOPT_INLINE void update(T& p, T g, T h, T& m, T& v, T& vmax, T& ga
       v = v * sc.v_decay + a;
     }
     if constexpr (CENTERED) gavg = gavg * sc.v_decay + c * sc.v_weight;
-    T x;
+    T w;
     if constexpr (AMSGRAD) {
       vmax = fo_maximum(vmax, v);
-      x = vmax * sc.v_scale;
+      w = vmax;
     } else {
-      x = v * sc.v_scale;
+      w = v;
     }
+    T x = w * sc.v_scale;
     if constexpr (CENTERED) {
       T mean = gavg * sc.v_scale;
       x = x - mean * mean;
@@ -203,8 +204,12 @@ FASTOPT_HD FASTOPT_INLINE void update(T& p, T g, T h, T& m, T& v, T& vmax, T& ga
     if constexpr (NORM == 2) {
       if constexpr (EPS_INSIDE) {
         root = fo_sqrt(x + sc.eps);
-      } else {
+      } else if constexpr (CENTERED) {
         root = fo_sqrt(x) + sc.eps;
+      } else {
+        // the root before the bias correction's scale, as torch's Adam: v * v_scale
+        // overflows fp32 for gradients sqrt(v_scale) times smaller
+        root = fo_sqrt(w) * fo_sqrt(sc.v_scale) + sc.eps;
       }
     } else if constexpr (NORM == 3) {
       if constexpr (EPS_INSIDE) {

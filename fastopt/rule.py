@@ -14,11 +14,13 @@ Integer codes of the switches are the enum values of :mod:`fastopt.spec`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def sqrt(x):
-    return x.sqrt()
+    return math.sqrt(x) if isinstance(x, float | int) else x.sqrt()
 
 
 def maximum(a, b):
@@ -75,17 +77,22 @@ def update(
             gavg = gavg * v_decay + c * v_weight
         if AMSGRAD:
             vmax = maximum(vmax, v)
-            x = vmax * v_scale
+            w = vmax
         else:
-            x = v * v_scale
+            w = v
+        x = w * v_scale
         if CENTERED:
             mean = gavg * v_scale
             x = x - mean * mean
         if NORM == 2:
             if EPS_INSIDE:
                 root = sqrt(x + eps)
-            else:
+            elif CENTERED:
                 root = sqrt(x) + eps
+            else:
+                # the root before the bias correction's scale, as torch's Adam: v * v_scale
+                # overflows fp32 for gradients sqrt(v_scale) times smaller
+                root = sqrt(w) * sqrt(v_scale) + eps
         elif NORM == 3:
             if EPS_INSIDE:
                 root = x

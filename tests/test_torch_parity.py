@@ -86,14 +86,17 @@ def test_parity_test_detects_a_difference():
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("name", ["RMSprop", "Adadelta"])
-def test_huge_gradients_are_squared_after_weighting_as_in_torch(name, backend):
+@pytest.mark.parametrize(
+    "name,kw", [("RMSprop", {}), ("Adadelta", {}), ("Adam", {}), ("AdamW", dict(amsgrad=True))], ids=str
+)
+def test_huge_gradients_are_squared_after_weighting_as_in_torch(name, kw, backend):
     """fp32 gradients of 5e19: g * g overflows fp32, (1 - alpha) g * g (torch's addcmul
-    order, alpha 0.99 and rho 0.9 by default) does not, so torch takes a finite step;
-    fastopt takes the same one."""
+    order, alpha 0.99 and rho 0.9 by default) does not; and Adam's v / (1 - beta2^t) at
+    t = 1 (1000 v) overflows where torch's sqrt(v) / sqrt(1 - beta2^t) does not. torch
+    takes a finite step; fastopt takes the same one."""
     ours, theirs = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
-    opt_ours = getattr(fastopt, name)([ours], lr=0.1, backend=backend)
-    opt_theirs = getattr(torch.optim, name)([theirs], lr=0.1)
+    opt_ours = getattr(fastopt, name)([ours], lr=0.1, backend=backend, **kw)
+    opt_theirs = getattr(torch.optim, name)([theirs], lr=0.1, **kw)
     for _ in range(3):
         g = torch.tensor([5e19, -3e19, 1.0])
         ours.grad, theirs.grad = g.clone(), g.clone()
