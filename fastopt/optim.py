@@ -59,14 +59,21 @@ def _extent(t: torch.Tensor) -> int:
     return 1 + sum(st * (sz - 1) for st, sz in zip(t.stride(), t.shape))
 
 
+# up to this many elements a possibly self-overlapping param has its addresses checked
+_EXACT_OVERLAP_CHECK = 1 << 22
+
+
 def _self_overlapping(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` may share memory (an expanded view, say). Sufficient
-    test: with dims sorted by stride, each stride clears everything the smaller ones span."""
+    """Whether two elements of ``t`` share memory (an expanded view, say). Sufficient test:
+    with dims sorted by stride, each stride clears everything the smaller ones span; where
+    it fails, the addresses themselves decide (up to a size; beyond, "may share")."""
     if t.is_contiguous():
         return False
     span = 1
     for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
         if stride < span:
+            if t.numel() <= _EXACT_OVERLAP_CHECK:
+                return np.unique(_addresses(t)).size < t.numel()
             return True
         span += stride * (size - 1)
     return False
@@ -89,23 +96,26 @@ def _check_no_overlap(params: list[torch.Tensor]) -> None:
         if _self_overlapping(p):
             raise ValueError(
                 f"param {i} of a group (shape {tuple(p.shape)}, strides {p.stride()}) has elements that "
-                "overlap in memory (an expanded view?); step a .clone() of it instead"
+                "overlap in memory, or may (an expanded view?); step a .clone() of it instead"
             )
         start = p.data_ptr()
         ranges.append((start, start + _extent(p) * p.element_size(), i))
     ranges.sort()
-    reach, a = -1, -1  # the furthest end so far and whose it is
+    reaching: list[tuple[int, int]] = []  # (end, index) of the ranges that reach past start
     for start, end, b in ranges:
-        if start < reach:
+        # each range is compared with every earlier one it may share memory with (usually
+        # none: the params of a model are disjoint)
+        reaching = [(e, a) for e, a in reaching if e > start]
+        for _, a in reaching:
             pa, pb = params[a], params[b]
             # interleaved strided views may share a range without sharing an element
             both_dense = pa.is_contiguous() and pb.is_contiguous()
             if both_dense or np.intersect1d(_addresses(pa), _addresses(pb)).size:
                 raise ValueError(
-                    f"params {a} and {b} of a group overlap in memory; a step would write them twice"
+                    f"params {min(a, b)} and {max(a, b)} of a group overlap in memory; a step would write "
+                    "them twice"
                 )
-        if end > reach:
-            reach, a = end, b
+        reaching.append((end, b))
 
 
 def _capturing(device: torch.device) -> bool:
@@ -408,8 +418,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         check(momentum_decay >= 0.0, f"Invalid momentum_decay value: {momentum_decay}")
         for name, cap in (("mu_max", mu_max), ("nu_max", nu_max)):
             check(cap is None or 0.0 <= cap <= 1.0, f"Invalid {name} value: {cap}")
+        if isinstance(spec, str):  # a key string (what param groups and checkpoints hold)
+            spec = Spec.from_key(spec)
         if not isinstance(spec, Spec):
-            raise TypeError(f"spec must be a fastopt Spec, got {type(spec).__name__}")
+            raise TypeError(f"spec must be a fastopt Spec or its key string, got {type(spec).__name__}")
         defaults = dict(
             spec=spec.key(),
             lr=lr,

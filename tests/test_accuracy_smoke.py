@@ -268,3 +268,20 @@ def test_models_have_the_documented_sizes() -> None:
     assert models.DozatAutoencoder()(x).shape == x.shape and models.BecherCNN().features(x).shape == (2, 128)
     cifar = torch.rand(2, 3, 32, 32)
     assert models.VGG19(100)(cifar).shape == (2, 100) and models.ResNet18(10)(cifar).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--threads", "0"], "must be from 1"),
+        (["--threads", "100000"], "must be from 1"),
+        (["--device", "foo"], "must be cpu, cuda"),
+        (["--device", "mps"], "must be cpu, cuda"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(args: list[str], message: str, capsys) -> None:
+    """Refused by the parser (exit status 2, the reason named), not deep in a run."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["taso", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_db import OPTIM_DB
+from optim_db import OPTIM_DB, cpu_backends
 
 import fastopt
 
@@ -71,6 +71,34 @@ def test_mixed_dtypes_in_a_group_are_refused():
     with pytest.raises(ValueError, match="one dtype"):
         opt.step()
     assert torch.equal(a.detach(), torch.zeros(2))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_overlap_behind_a_longer_param_is_found(backend):
+    """B and C share an element; A, a strided view spanning both, is checked first and
+    shares none with either: the check must compare C with B too, not only with the param
+    that reaches furthest (a missed overlap lost one of the two updates)."""
+    buf = torch.zeros(200)
+    params = [buf[0:200:2], buf[1:100:2], buf[51:52]]
+    for p in params:
+        p.requires_grad_()
+        p.grad = -torch.ones_like(p)
+    with pytest.raises(ValueError, match="params 1 and 2 of a group overlap"):
+        fastopt.SGD(params, lr=1.0, backend=backend).step()
+    assert not buf.any()  # nothing stepped
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_strided_param_with_distinct_elements_is_stepped(backend):
+    """Strides (3, 2) over shape (2, 3) fail the quick no-overlap test but address six
+    distinct elements: the param is stepped as torch.optim steps it."""
+    bufs = [torch.arange(12.0), torch.arange(12.0)]
+    views = [b.as_strided((2, 3), (3, 2)).requires_grad_() for b in bufs]
+    for v in views:
+        v.grad = torch.ones(2, 3)
+    fastopt.SGD(views[:1], lr=0.5, backend=backend).step()
+    torch.optim.SGD(views[1:], lr=0.5).step()
+    assert torch.equal(bufs[0], bufs[1]) and not torch.equal(bufs[0], torch.arange(12.0))
 
 
 def test_mixed_devices_in_a_group_are_refused():

@@ -424,6 +424,15 @@ def test_bit_identical_across_thread_counts(cpp, ext, monkeypatch, spec, dtype, 
         assert_bitwise_equal(tensors, results[1], f"{threads} threads")
 
 
+@pytest.mark.parametrize("value", ["two", "0", "-3"])
+def test_bad_thread_count_is_named(cpp, monkeypatch, value):
+    monkeypatch.setenv("FASTOPT_NUM_THREADS", value)
+    p = torch.zeros(4, requires_grad=True)
+    p.grad = torch.ones(4)
+    with pytest.raises(ValueError, match="FASTOPT_NUM_THREADS must be a positive integer"):
+        fastopt.Adam([p], lr=0.1, backend="cpp").step()
+
+
 def test_bit_identical_across_threading_backends(cpp, ext, monkeypatch):
     """OpenMP (shared with torch) and fastopt's own pool give the same bits."""
     monkeypatch.setenv("FASTOPT_NUM_THREADS", "2")

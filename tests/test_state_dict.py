@@ -86,6 +86,22 @@ def test_group_holding_a_spec_checkpoints_with_weights_only():
     assert other.group_spec(other.param_groups[0]) == nadam
 
 
+def test_generic_optimizer_takes_a_spec_key_string():
+    """spec= as the key string (what ZeRO's own groups should hold, for weights_only
+    checkpoints) steps exactly as the Spec itself."""
+    runs = []
+    for spec in (fastopt.presets.spec("nadam_linf"), fastopt.presets.spec("nadam_linf").key()):
+        params = _fresh()
+        _train(
+            fastopt.FusedOptimizer(params, spec=spec, lr=5e-3), params, torch.Generator().manual_seed(0), 4
+        )
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    with pytest.raises(fastopt.spec.SpecError, match="not a spec key"):
+        fastopt.FusedOptimizer(_fresh(), spec="adam")
+
+
 def test_mismatched_state_shape_is_refused_and_nothing_changes():
     params = _fresh()
     opt = fastopt.Adam(params, lr=0.1)

@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import EXPERIMENTS
+
+
+def _threads(text: str) -> int:
+    """An argparse type: a thread count from 1 to the machine's CPUs."""
+    value, cpus = int(text), os.cpu_count() or 1
+    if not 1 <= value <= cpus:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {cpus} (this machine's CPUs), got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """An argparse type: cpu, cuda or cuda:N (the experiments run on nothing else)."""
+    head, _, index = text.partition(":")
+    if head == "cpu" and not index or head == "cuda" and (not index or index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -17,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("experiment", choices=sorted(EXPERIMENTS))
     p.add_argument("--quick", action="store_true", help="reduced grid, epochs and data: minutes on a CPU")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument(
         "--backend",
         default="auto",
@@ -36,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", default="bench/results/accuracy", help="results folder (default bench/results/accuracy)"
     )
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=_threads, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="replace the experiment's seeds")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (for log files)")
     return p.parse_args(argv)

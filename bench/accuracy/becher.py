@@ -356,7 +356,9 @@ def make_tsne(ds: data.Dataset, results: list[dict[str, Any]], impl: str, plan: 
     for o in OPTIMIZERS:
         best_bs = max((v, k[2]) for k, v in mean.items() if k[0] == o)[1]
         for lr in plan.lrs:
-            key = f"{o}_{lr:g}_{best_bs}"
+            # everything the embedding depends on: a rerun into the same folder with another
+            # implementation, seed or sample size must not reuse it
+            key = f"{o}_{lr:g}_{best_bs}_{impl}_seed{plan.seeds[0]}_n{plan.tsne_points}"
             if key not in cache:
                 cell = dict(
                     optimizer=o, lr=lr, batch_size=best_bs, seed=plan.seeds[0], schedule="none", impl=impl

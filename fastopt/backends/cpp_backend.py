@@ -98,7 +98,15 @@ def _kernel_missing(spec: Spec, dtype: torch.dtype) -> str | None:
 def _num_threads() -> int:
     # FASTOPT_NUM_THREADS overrides torch's intra-op thread count
     env = os.environ.get("FASTOPT_NUM_THREADS")
-    return int(env) if env else torch.get_num_threads()
+    if not env:
+        return torch.get_num_threads()
+    try:
+        threads = int(env)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"FASTOPT_NUM_THREADS must be a positive integer, got {env!r}")
+    return threads
 
 
 class _Role:
