@@ -21,6 +21,7 @@ from . import backends, distributed, tensor_lists
 from .device_scalars import DeviceScalars
 from .scalars import StepScalars, rounding_seed, step_scalars
 from .spec import Curvature, Denominator, Spec
+from .tracked_state import ParamState, TrackedState
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -167,131 +168,6 @@ class _Bucket:
         self.carried = carried
         # (t, carried) before the last step, put back if its found_inf turns out set
         self.before = (t, carried)
-
-
-class _Counter:
-    """The change count shared by ``optimizer.state`` and each param's state dict."""
-
-    __slots__ = ("version",)
-
-    def __init__(self) -> None:
-        self.version = 0
-
-
-class _ParamState(dict):
-    """One param's state: replacing, adding or removing an entry (``state[p]['exp_avg'] =
-    ...``, ``state[p].clear()``) counts as a change of ``optimizer.state``, so a cached plan
-    takes the state anew, as torch.optim reads it at every step."""
-
-    __slots__ = ("_counter",)
-
-    def __init__(self, counter: _Counter, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._counter = counter
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._counter.version += 1
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key: Any) -> None:
-        self._counter.version += 1
-        super().__delitem__(key)
-
-    def clear(self) -> None:
-        self._counter.version += 1
-        super().clear()
-
-    def pop(self, *args: Any) -> Any:
-        self._counter.version += 1
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        self._counter.version += 1
-        return super().popitem()
-
-    def setdefault(self, *args: Any) -> Any:
-        self._counter.version += 1
-        return super().setdefault(*args)
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self._counter.version += 1
-        super().update(*args, **kwargs)
-
-    def __ior__(self, other: Any) -> _ParamState:
-        self._counter.version += 1
-        return super().__ior__(other)
-
-    def __reduce__(self) -> Any:
-        # pickled (torch.save) and copied as the plain dict torch.optim keeps: loadable with
-        # weights_only, and a copy is no longer this optimizer's
-        return (dict, (dict(self),))
-
-
-class _TrackedState(defaultdict):
-    """``optimizer.state`` that counts its changes and those of each param's state dict, so
-    that a cached plan notices state replaced or edited from outside
-    (``ZeroRedundancyOptimizer.load_state_dict`` assigns ``optim.state[param]`` directly)."""
-
-    def __init__(self, default_factory: Any = dict, *args: Any, **kwargs: Any) -> None:
-        super().__init__(default_factory, *args, **kwargs)
-        self._counter = _Counter()
-        for key, value in self.items():
-            dict.__setitem__(self, key, self._own(value))
-
-    @property
-    def version(self) -> int:
-        return self._counter.version
-
-    def _own(self, value: Any) -> Any:
-        """A param's state dict, as one whose edits this optimizer sees."""
-        if isinstance(value, dict) and not (
-            isinstance(value, _ParamState) and value._counter is self._counter
-        ):
-            return _ParamState(self._counter, value)
-        return value
-
-    def __missing__(self, key: Any) -> Any:
-        if self.default_factory is None:
-            raise KeyError(key)
-        value = self[key] = self.default_factory()
-        return self[key] if isinstance(value, dict) else value
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._counter.version += 1
-        super().__setitem__(key, self._own(value))
-
-    def __delitem__(self, key: Any) -> None:
-        self._counter.version += 1
-        super().__delitem__(key)
-
-    def clear(self) -> None:
-        self._counter.version += 1
-        super().clear()
-
-    def pop(self, *args: Any) -> Any:
-        self._counter.version += 1
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        self._counter.version += 1
-        return super().popitem()
-
-    def setdefault(self, key: Any, default: Any = None) -> Any:
-        if key not in self:
-            self[key] = default
-        return self[key]
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        for key, value in dict(*args, **kwargs).items():
-            self[key] = value
-
-    def __ior__(self, other: Any) -> _TrackedState:
-        self.update(other)
-        return self
-
-    def __reduce__(self) -> Any:
-        # pickled and copied as the defaultdict torch.optim keeps
-        return (defaultdict, (self.default_factory, dict(self)))
 
 
 class _Plan:
@@ -466,8 +342,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _track_state(self) -> None:
         """``optimizer.state`` as one whose changes (and its params' entries') reach the
         cached plans. Done at construction, so that a handle taken then stays the state."""
-        if type(self.state) is not _TrackedState:
-            self.state = _TrackedState(dict, self.state)
+        if type(self.state) is not TrackedState:
+            self.state = TrackedState(dict, self.state)
             self._plans = {}
 
     # -- what subclasses translate ------------------------------------------------------
@@ -804,7 +680,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._settle_skipped_step()
         saved = super().state_dict()
         # each param's state as the plain dict torch.optim gives (same tensors)
-        saved["state"] = {k: dict(v) if isinstance(v, _ParamState) else v for k, v in saved["state"].items()}
+        saved["state"] = {k: dict(v) if isinstance(v, ParamState) else v for k, v in saved["state"].items()}
         for group in saved["param_groups"]:  # (torch's copies) a group's Spec as its key string:
             if isinstance(group.get("spec"), Spec):  # a checkpoint loads with weights_only
                 group["spec"] = group["spec"].key()
