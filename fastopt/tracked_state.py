@@ -26,6 +26,7 @@ class _Counter:
 class _CountsRemovals:
     """Removals counted as changes (the mappings below differ in how they set entries)."""
 
+    __slots__ = ()
     _counter: _Counter
 
     def __delitem__(self, key: Any) -> None:
