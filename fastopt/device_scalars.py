@@ -48,16 +48,15 @@ class DeviceScalars:
         device: torch.device | str,
         salt: int = 0,
         start: int = 0,
-        product: float | torch.Tensor | None = None,
+        product: float | None = None,
     ) -> None:
         """``hyper``: the param group's hyperparameters under fastopt's generic names (mu, nu,
         eps, weight_decay, dampening, mu_max, nu_max, momentum_decay, lr_decay), host floats;
         ``lr`` is given to :meth:`compute`. ``salt``: the rounding seed's salt (the param
         group's index). ``start``: the number of steps already taken (a run resumed from a
         checkpoint at step ``start``); state carried from step to step starts at its value
-        there. ``product``: NAdam's prod_{i <= start} mu_i as carried so far (a device tensor
-        is copied on the device, without a sync); by default the product of the schedule at
-        the current beta1."""
+        there. ``product``: NAdam's prod_{i <= start} mu_i as carried so far; by default the
+        product of the schedule at the current beta1."""
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
         self.spec = spec
@@ -72,9 +71,7 @@ class DeviceScalars:
             # here, and advanced on the device from then on
             if product is None:
                 product = nadam_mu_product(start, *nadam_hyper(self.hyper)) if start > 0 else 1.0
-            if not isinstance(product, torch.Tensor):  # (as_tensor would round it to the default dtype)
-                product = torch.tensor(float(product), dtype=torch.float64)
-            self._nadam_prod = product.to(self.device, torch.float64, copy=True).reshape(())
+            self._nadam_prod = torch.tensor(float(product), dtype=torch.float64, device=self.device)
             self._nadam_last_t = torch.tensor(float(start), dtype=torch.float64, device=self.device)
 
     def compute(self, t: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:

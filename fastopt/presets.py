@@ -381,13 +381,11 @@ class NAdam(_AdamFamily):
         b1, psi = float(group["betas"][0]), float(group["momentum_decay"])
         mu_t = nadam_mu(t, b1, psi)
         products = [st["mu_product"] for st in states]
+        mu: float | torch.Tensor = mu_t
         if t_device is not None:  # capturable: mu_t from the device's step count
             mu = nadam_mu(t_device.to(products[0].dtype), b1, psi)
         elif taken is not None:
             mu = torch.full((), mu_t, dtype=products[0].dtype, device=taken.device)
-        else:
-            torch._foreach_mul_(products, mu_t)
-            return None if carried is None else carried * mu_t
         if taken is not None:  # a factor of 1 where found_inf skipped the step
             mu = torch.where(taken, mu, 1.0)
         torch._foreach_mul_(products, mu)
