@@ -49,6 +49,41 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+# the generic hyperparameters' ranges (lr apart), and the word torch's messages use
+_RANGES: dict[str, tuple[float, float]] = dict(
+    mu=(0.0, 1.0),
+    nu=(0.0, 1.0),
+    eps=(0.0, math.inf),
+    weight_decay=(0.0, math.inf),
+    dampening=(0.0, 1.0),
+    lr_decay=(0.0, math.inf),
+    initial_accumulator_value=(0.0, math.inf),
+    momentum_decay=(0.0, math.inf),
+    mu_max=(0.0, 1.0),
+    nu_max=(0.0, 1.0),
+)
+_RANGE_NAMES = {"eps": "epsilon"}
+
+
+def check_lr(lr: Any) -> None:
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    check(lr >= 0.0, f"Invalid learning rate: {lr}")
+
+
+def _group_scalars(
+    index: int, spec: Spec, hyper: dict[str, Any], t: int, lr: float, carried: float | None
+) -> StepScalars:
+    """Param group ``index``'s scalars of step ``t``, or an error naming the group."""
+    try:
+        return step_scalars(spec, hyper, t, lr=lr, mu_product=carried)
+    except (ArithmeticError, ValueError) as exc:  # mu = 1 under bias correction: 0 / 0
+        raise ValueError(
+            f"param group {index}: its hyperparameters define no step {t} of "
+            f"{spec.short()} ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def _same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
@@ -190,6 +225,7 @@ class _Plan:
         "version",
         "scalars",
         "device_scalars",
+        "extras",
     )
 
     def __init__(
@@ -207,6 +243,8 @@ class _Plan:
         self.scalars: dict[int, StepScalars] = {}  # this step's scalars by step number
         # capturable groups: (hyperparameters it was made for, DeviceScalars)
         self.device_scalars: tuple[dict[str, Any], DeviceScalars] | None = None
+        # by extra state key, the tensor whose views hold it for every param (or None)
+        self.extras: dict[str, torch.Tensor | None] = {}
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -278,22 +316,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise TypeError("FusedOptimizer needs a spec (see fastopt.presets.spec(name))")
         if isinstance(lr, bool) or not isinstance(lr, int | float | torch.Tensor):
             raise TypeError(f"lr must be a number or a 1-element tensor, got {type(lr).__name__}")
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        check(lr >= 0.0, f"Invalid learning rate: {lr}")
-        check(0.0 <= mu <= 1.0, f"Invalid mu value: {mu}")
-        check(0.0 <= nu <= 1.0, f"Invalid nu value: {nu}")
-        check(eps >= 0.0, f"Invalid epsilon value: {eps}")
-        check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
-        check(0.0 <= dampening <= 1.0, f"Invalid dampening value: {dampening}")
-        check(lr_decay >= 0.0, f"Invalid lr_decay value: {lr_decay}")
-        check(
-            initial_accumulator_value >= 0.0,
-            f"Invalid initial_accumulator_value value: {initial_accumulator_value}",
-        )
-        check(momentum_decay >= 0.0, f"Invalid momentum_decay value: {momentum_decay}")
-        for name, cap in (("mu_max", mu_max), ("nu_max", nu_max)):
-            check(cap is None or 0.0 <= cap <= 1.0, f"Invalid {name} value: {cap}")
         if isinstance(spec, str):  # a key string (what param groups and checkpoints hold)
             spec = Spec.from_key(spec)
         if not isinstance(spec, Spec):
@@ -313,6 +335,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             initial_accumulator_value=initial_accumulator_value,
             capturable=capturable,
         )
+        self.check_hyper(defaults)
         self._init_options(backend, max_grad_norm, state_dtype, master_weights)
         super().__init__(params, defaults)
         self._track_state()
@@ -346,6 +369,32 @@ class FusedOptimizer(torch.optim.Optimizer):
             self.state = TrackedState(dict, self.state)
             self._plans = {}
 
+    # -- hyperparameter ranges ----------------------------------------------------------
+    @staticmethod
+    def check_hyper(group: dict[str, Any]) -> None:
+        """Raise ValueError naming the first hyperparameter of ``group`` that is out of its
+        range. The constructor checks its arguments with it, and every param group is
+        checked when it is added and at each step (a user's or a scheduler's edit of a group
+        is checked too): an out-of-range value is an error, never a corrupted step."""
+        check_lr(group["lr"])
+        for key, (low, high) in _RANGES.items():
+            value = group.get(key)  # None: the INCREASING schedule's caps default to mu, nu
+            if value is not None:
+                check(low <= value <= high, f"Invalid {_RANGE_NAMES.get(key, key)} value: {value}")
+
+    def _check_group(self, index: int, group: dict[str, Any], first_step: bool = False) -> None:
+        """:meth:`check_hyper` on param group ``index``; with ``first_step``, also that its
+        hyperparameters define a first step (mu = 1 under bias correction divides 0 by 0)."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
+            group = {**group, "lr": 0.0}  # read on the device: a host read would sync
+        try:
+            self.check_hyper(group)
+        except ValueError as exc:
+            raise ValueError(f"param group {index}: {exc}") from None
+        if first_step:
+            _group_scalars(index, self.group_spec(group), self.group_hyper(group), 1, 0.0, None)
+
     # -- what subclasses translate ------------------------------------------------------
     def group_spec(self, group: dict[str, Any]) -> Spec:
         """The spec that steps this group (a group may hold a Spec or its key string)."""
@@ -373,13 +422,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         taken: torch.Tensor | None,
         t_device: torch.Tensor | None = None,
         carried: float | None = None,
+        packed: dict[str, torch.Tensor] | None = None,
     ) -> float | None:
         """Subclass hook: update those extra entries after a step at step number t, and
         return the host's copy of the carried product (``carried``, before the step) after
         it. With a device-side found_inf, ``taken`` is a 0-dim bool device tensor (whether
         the kernels took the step) and the entries live on that device; the host's copy
         assumes the step was taken (it is put back if not). A capturable step gives its step
-        number as the device tensor ``t_device`` (the host's t is not replayed)."""
+        number as the device tensor ``t_device`` (the host's t is not replayed). ``packed``:
+        by key, the one tensor whose 0-dim views are that entry of every state in ``states``
+        (one in-place op updates them all), where the plan packed them."""
         return carried
 
     # -- the step -----------------------------------------------------------------------
@@ -471,6 +523,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 plan.version = version
 
     def _check_scalars(self, index: int, group: dict[str, Any], plan: _Plan) -> None:
+        self._check_group(index, group)
         steps: dict[int, float | None] = {}  # step number -> the product carried into it
         if plan.state is None:  # not yet stepped by this plan: the counts are in the state
             for p in plan.params:
@@ -486,13 +539,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if group.get("capturable") and isinstance(lr, torch.Tensor):
             lr = 1.0  # read on the device (a host read would sync); it is checked >= 0 when set
         for t, carried in steps.items():
-            try:
-                plan.scalars[t] = step_scalars(plan.spec, hyper, t, lr=float(lr), mu_product=carried)
-            except (ArithmeticError, ValueError) as exc:  # mu = 1 under bias correction: 0 / 0
-                raise ValueError(
-                    f"param group {index}: its hyperparameters define no step {t} of "
-                    f"{plan.spec.short()} ({type(exc).__name__}: {exc})"
-                ) from exc
+            plan.scalars[t] = _group_scalars(index, plan.spec, hyper, t, float(lr), carried)
 
     def _plan_group(self, index: int, group: dict[str, Any], spec: Spec, hvps: dict) -> _Plan | None:
         """The group's launch plan with this step's gradients, or None if no param has one.
@@ -753,7 +800,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._launch(plan.backend, spec, scalars, params, grads, hvps, state, options)
             bucket.before = (bucket.t, bucket.carried)
             bucket.t += 1
-            bucket.carried = self._after_step(group, states, bucket.t, taken, t_device, bucket.carried)
+            packed = plan.extras if idx is None else None  # a bucket holds some of the views
+            bucket.carried = self._after_step(
+                group, states, bucket.t, taken, t_device, bucket.carried, packed
+            )
         if capturable:
             if taken is not None:
                 plan.steps.sub_(taken.logical_not().to(plan.steps.dtype))
@@ -816,11 +866,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             plan.steps = torch.tensor(counts, dtype=torch.float32, device=scalar_device)
             for i, state in enumerate(states):
                 state["step"] = plan.steps[i]
-        for state in states:
-            for key in self.extra_state_keys:
-                value = state.get(key)
-                if isinstance(value, torch.Tensor) and value.device != scalar_device:
-                    state[key] = value.to(scalar_device)
+        plan.extras = {key: self._pack_extra(key, states, scalar_device) for key in self.extra_state_keys}
         roles = list(spec.state_roles)
         if self.master_weights and plan.dtype in (torch.float16, torch.bfloat16):
             roles.append("master")
@@ -838,6 +884,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             ]
         if plan.backend is None:
             plan.backend = backends.choose(self.backend, spec, plan.device, plan.dtype)
+
+    @staticmethod
+    def _pack_extra(key: str, states: list[dict[str, Any]], device: torch.device) -> torch.Tensor | None:
+        """Entry ``key`` of every state as 0-dim views of one tensor on ``device`` (one op per
+        step updates them all, not one per param), or None where they are not all 0-dim
+        tensors of one dtype (each is then only moved to ``device``)."""
+        values = [state.get(key) for state in states]
+        if all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in values):
+            if len({v.dtype for v in values}) == 1:
+                packed = torch.stack(values).to(device)
+                for state, view in zip(states, packed.unbind(0)):
+                    state[key] = view
+                return packed
+        for state, value in zip(states, values):
+            if isinstance(value, torch.Tensor) and value.device != device:
+                state[key] = value.to(device)
+        return None
 
     def _init_param_state(
         self, group: dict[str, Any], spec: Spec, p: torch.Tensor, state: dict[str, Any], hyper: dict
@@ -878,6 +941,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if len({id(p) for p in params}) != len(params):
                 # torch only warns; a fused step would update such a param twice
                 raise ValueError("a param group holds the same parameter more than once")
+        # checked before torch adds it: a refused group leaves the optimizer as it was
+        self._check_group(len(self.param_groups), {**self.defaults, **param_group}, first_step=True)
         super().add_param_group(param_group)
         self._plans = {}
 

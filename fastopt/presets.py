@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .optim import FusedOptimizer, ParamsT, check
+from .optim import FusedOptimizer, ParamsT, check, check_lr
 from .scalars import nadam_hyper, nadam_mu, nadam_mu_product
 from .spec import (
     Accumulation,
@@ -198,18 +198,18 @@ def _flags(foreach, fused, capturable, differentiable) -> dict[str, Any]:
     return dict(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
 
 
-def _check_betas(betas) -> None:
+def _check_betas(group: dict[str, Any]) -> None:
+    betas = group["betas"]
     check(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
     check(0.0 <= betas[1] < 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
 
 
-def _check_common(lr, eps=None, weight_decay=0.0) -> None:
-    if not isinstance(lr, float | int) and hasattr(lr, "numel") and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    check(0.0 <= lr, f"Invalid learning rate: {lr}")
-    if eps is not None:
-        check(0.0 <= eps, f"Invalid epsilon value: {eps}")
-    check(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
+def _check_common(group: dict[str, Any], eps: bool = True) -> None:
+    """torch.optim's checks of lr, eps and weight_decay."""
+    check_lr(group["lr"])
+    if eps:
+        check(0.0 <= group["eps"], f"Invalid epsilon value: {group['eps']}")
+    check(0.0 <= group["weight_decay"], f"Invalid weight_decay value: {group['weight_decay']}")
 
 
 class SGD(_TorchTwin):
@@ -224,15 +224,19 @@ class SGD(_TorchTwin):
         weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
         foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None, **options: Any,
     ) -> None:  # fmt: skip
-        _check_common(lr, None, weight_decay)
-        check(momentum >= 0.0, f"Invalid momentum value: {momentum}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
         )  # fmt: skip
+        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
+
+    @staticmethod
+    def check_hyper(group: dict[str, Any]) -> None:
+        _check_common(group, eps=False)
+        check(group["momentum"] >= 0.0, f"Invalid momentum value: {group['momentum']}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     @staticmethod
     def spec_from(momentum, nesterov, maximize) -> Spec:
@@ -253,6 +257,11 @@ class SGD(_TorchTwin):
 class _AdamFamily(_TorchTwin):
     state_keys = {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"}
 
+    @staticmethod
+    def check_hyper(group: dict[str, Any]) -> None:
+        _check_common(group)
+        _check_betas(group)
+
     def group_hyper(self, group):
         b1, b2 = group["betas"]
         return dict(
@@ -272,12 +281,11 @@ class Adam(_AdamFamily):
         capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
         decoupled_weight_decay: bool = False, **options: Any,
     ) -> None:  # fmt: skip
-        _check_common(lr, eps, weight_decay)
-        _check_betas(betas)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             **_flags(foreach, fused, capturable, differentiable), decoupled_weight_decay=decoupled_weight_decay,
         )  # fmt: skip
+        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
 
     @staticmethod
@@ -315,12 +323,11 @@ class Adamax(_AdamFamily):
         weight_decay: float = 0, foreach: bool | None = None, *, maximize: bool = False,
         differentiable: bool = False, capturable: bool = False, **options: Any,
     ) -> None:  # fmt: skip
-        _check_common(lr, eps, weight_decay)
-        _check_betas(betas)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
             differentiable=differentiable, capturable=capturable,
         )  # fmt: skip
+        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
 
     @staticmethod
@@ -340,15 +347,19 @@ class NAdam(_AdamFamily):
         foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
         differentiable: bool = False, **options: Any,
     ) -> None:  # fmt: skip
-        _check_common(lr, eps, weight_decay)
-        _check_betas(betas)
-        check(0.0 <= momentum_decay, f"Invalid momentum_decay value: {momentum_decay}")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
             capturable=capturable, differentiable=differentiable,
         )  # fmt: skip
+        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
+
+    @staticmethod
+    def check_hyper(group: dict[str, Any]) -> None:
+        _AdamFamily.check_hyper(group)
+        psi = group.get("momentum_decay", 4e-3)  # absent from checkpoints of older torch
+        check(0.0 <= psi, f"Invalid momentum_decay value: {psi}")
 
     @staticmethod
     def spec_from(maximize, decoupled) -> Spec:
@@ -377,10 +388,11 @@ class NAdam(_AdamFamily):
             return exact
         return value
 
-    def _after_step(self, group, states, t, taken, t_device=None, carried=None):
+    def _after_step(self, group, states, t, taken, t_device=None, carried=None, packed=None):
         b1, psi = float(group["betas"][0]), float(group["momentum_decay"])
         mu_t = nadam_mu(t, b1, psi)
-        products = [st["mu_product"] for st in states]
+        whole = (packed or {}).get("mu_product")
+        products = [st["mu_product"] for st in states] if whole is None else [whole]
         mu: float | torch.Tensor = mu_t
         if t_device is not None:  # capturable: mu_t from the device's step count
             mu = nadam_mu(t_device.to(products[0].dtype), b1, psi)
@@ -402,12 +414,11 @@ class RAdam(_AdamFamily):
         weight_decay: float = 0, decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
         maximize: bool = False, capturable: bool = False, differentiable: bool = False, **options: Any,
     ) -> None:  # fmt: skip
-        _check_common(lr, eps, weight_decay)
-        _check_betas(betas)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
             capturable=capturable, decoupled_weight_decay=decoupled_weight_decay, differentiable=differentiable,
         )  # fmt: skip
+        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
 
     @staticmethod
@@ -427,17 +438,12 @@ class Adagrad(_TorchTwin):
         initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
         maximize: bool = False, differentiable: bool = False, fused: bool | None = None, **options: Any,
     ) -> None:  # fmt: skip
-        _check_common(lr, eps, weight_decay)
-        check(0.0 <= lr_decay, f"Invalid lr_decay value: {lr_decay}")
-        check(
-            0.0 <= initial_accumulator_value,
-            f"Invalid initial_accumulator_value value: {initial_accumulator_value}",
-        )
         defaults = dict(
             lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
             differentiable=differentiable, fused=fused,
         )  # fmt: skip
+        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
         # torch creates Adagrad's state in the constructor; so do we (same checkpoint layout)
         for group in self.param_groups:
@@ -445,6 +451,13 @@ class Adagrad(_TorchTwin):
                 self._init_param_state(
                     group, self.group_spec(group), p, self.state[p], self.group_hyper(group)
                 )
+
+    @staticmethod
+    def check_hyper(group: dict[str, Any]) -> None:
+        _check_common(group)
+        check(0.0 <= group["lr_decay"], f"Invalid lr_decay value: {group['lr_decay']}")
+        initial = group["initial_accumulator_value"]
+        check(0.0 <= initial, f"Invalid initial_accumulator_value value: {initial}")
 
     @staticmethod
     def spec_from(maximize) -> Spec:
@@ -468,14 +481,18 @@ class RMSprop(_TorchTwin):
         momentum: float = 0, centered: bool = False, capturable: bool = False, foreach: bool | None = None,
         maximize: bool = False, differentiable: bool = False, **options: Any,
     ) -> None:  # fmt: skip
-        _check_common(lr, eps, weight_decay)
-        check(0.0 <= momentum, f"Invalid momentum value: {momentum}")
-        check(0.0 <= alpha, f"Invalid alpha value: {alpha}")
         defaults = dict(
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
             capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable,
         )  # fmt: skip
+        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
+
+    @staticmethod
+    def check_hyper(group: dict[str, Any]) -> None:
+        _check_common(group)
+        check(0.0 <= group["momentum"], f"Invalid momentum value: {group['momentum']}")
+        check(0.0 <= group["alpha"], f"Invalid alpha value: {group['alpha']}")
 
     @staticmethod
     def spec_from(momentum, centered, maximize) -> Spec:
@@ -503,13 +520,17 @@ class Adadelta(_TorchTwin):
         foreach: bool | None = None, *, capturable: bool = False, maximize: bool = False,
         differentiable: bool = False, **options: Any,
     ) -> None:  # fmt: skip
-        _check_common(lr, eps, weight_decay)
-        check(0.0 <= rho <= 1.0, f"Invalid rho value: {rho}")
         defaults = dict(
             lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize, capturable=capturable,
             foreach=foreach, differentiable=differentiable,
         )  # fmt: skip
+        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
+
+    @staticmethod
+    def check_hyper(group: dict[str, Any]) -> None:
+        _check_common(group)
+        check(0.0 <= group["rho"] <= 1.0, f"Invalid rho value: {group['rho']}")
 
     @staticmethod
     def spec_from(maximize) -> Spec:

@@ -171,3 +171,57 @@ def test_generic_optimizer_refuses_bad_secondary_hyperparameters(name, value):
         fastopt.FusedOptimizer(
             [torch.zeros(1, requires_grad=True)], spec=fastopt.presets.spec("adam"), **{name: value}
         )
+
+
+# torch.optim checks only the constructor's arguments; fastopt checks every param group, as
+# given and as edited later, with the same messages
+VALUE_ERRORS = [(info, kw, msg) for info, kw, exc, msg in ERROR_CASES if exc is ValueError]
+_VALUE_IDS = [f"{info.name}-{msg}" for info, _, msg in VALUE_ERRORS]
+
+
+@pytest.mark.parametrize("info,kw,msg", VALUE_ERRORS, ids=_VALUE_IDS)
+def test_a_param_group_out_of_range_is_refused(info, kw, msg):
+    first, second = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=f"param group 1: {msg}"):
+        info.fastopt_cls([{"params": [first]}, {"params": [second], **kw}], **info.base)
+    opt = info.fastopt_cls([first], **info.base)
+    with pytest.raises(ValueError, match=f"param group 1: {msg}"):
+        opt.add_param_group({"params": [second], **kw})
+    assert len(opt.param_groups) == 1  # the refused group was not added
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("info,kw,msg", VALUE_ERRORS, ids=_VALUE_IDS)
+def test_a_group_edited_out_of_range_stops_the_step_untouched(info, kw, msg, backend):
+    params = [torch.randn(3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    opt = info.fastopt_cls([{"params": [params[0]]}, {"params": [params[1]]}], backend=backend, **info.base)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[1].update(kw)  # as a user or an lr schedule might
+    snap = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=f"param group 1: {msg}"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)  # group 0 was not stepped either
+
+
+def test_a_tensor_lr_edited_negative_is_refused():
+    p = torch.randn(3, requires_grad=True)
+    opt = fastopt.Adam([p], lr=torch.tensor(0.01))
+    p.grad = torch.randn(3)
+    opt.param_groups[0]["lr"] = torch.tensor(-0.01)
+    with pytest.raises(ValueError, match="param group 0: Invalid learning rate"):
+        opt.step()
+    assert not opt.state[p]  # nothing was created or stepped
+
+
+@pytest.mark.parametrize("schedule", ["bias_correction_mu", "bias_correction_nu", "radam_nu"])
+def test_hyperparameters_without_a_first_step_are_refused_at_construction(schedule):
+    """mu = 1 under bias correction divides by 1 - mu^t = 0; RAdam's rho_inf by 1 - nu."""
+    spec, kw = {
+        "bias_correction_mu": ("adam", dict(mu=1.0)),
+        "bias_correction_nu": ("adam", dict(nu=1.0)),
+        "radam_nu": ("radam", dict(nu=1.0)),
+    }[schedule]
+    with pytest.raises(ValueError, match="param group 0: its hyperparameters define no step 1"):
+        fastopt.FusedOptimizer([torch.zeros(2, requires_grad=True)], spec=fastopt.presets.spec(spec), **kw)

@@ -13,6 +13,7 @@ relative (tests/test_torch_parity.py). The Triton kernels in fp32: KERNEL_TOL.
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -163,3 +164,38 @@ def test_nadam_resumes_bit_identically_from_float32_state():
     run(params, resumed, range(6, 12))
     for a, b in zip(params, straight):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_nadam_params_at_different_step_counts_keep_their_own_products(backend, float64_default):
+    """A torch checkpoint whose params took 7, 4 and 1 steps (gradients on some params
+    only), at a beta1 that changes every step: the group is stepped in three buckets, each
+    param multiplying its own product as torch does. (A group at one step count updates the
+    products of all its params at once; this is the other path.)"""
+    params = small_params("cpu")
+    src = torch.optim.NAdam(params, lr=1e-2)
+    for step in range(7):
+        src.param_groups[0]["betas"] = (0.8 + 0.015 * step, 0.999)
+        for i, (p, g) in enumerate(zip(params, small_grads(step, "cpu"))):
+            p.grad = g if step >= 3 * i else None
+        src.step()
+    state = src.state_dict()
+    assert len({float(s["step"]) for s in state["state"].values()}) == 3
+    runs = []
+    for make in (
+        lambda ps: fastopt.NAdam(ps, lr=1e-2, backend=backend),
+        lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+    ):
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        opt = make(ps)
+        opt.load_state_dict(copy.deepcopy(state))  # loading shares the tensors, as in torch
+        for step in range(7, 15):
+            opt.param_groups[0]["betas"] = (0.95 - 0.01 * step, 0.999)
+            for p, g in zip(ps, small_grads(step, "cpu")):
+                p.grad = g
+            opt.step()
+        runs.append((ps, [float(opt.state[p]["mu_product"]) for p in ps]))
+    (ours, ours_products), (theirs, their_products) = runs
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **F64_TOL)
+    assert ours_products == pytest.approx(their_products, rel=1e-12)
