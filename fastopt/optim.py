@@ -19,8 +19,8 @@ import torch
 
 from . import backends, distributed, tensor_lists
 from .device_scalars import DeviceScalars
-from .scalars import StepScalars, rounding_seed, step_scalars
-from .spec import Curvature, Denominator, Spec
+from .scalars import StepScalars, nadam_hyper, nadam_mu, nadam_mu_product, rounding_seed, step_scalars
+from .spec import Curvature, Denominator, Momentum, Schedule, Spec, WeightDecay
 from .tracked_state import ParamState, TrackedState
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -82,6 +82,13 @@ def _group_scalars(
             f"param group {index}: its hyperparameters define no step {t} of "
             f"{spec.short()} ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        groups[t.device, t.dtype].append(t)
+    return list(groups.values())
 
 
 def _same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -192,8 +199,20 @@ def _step_through_contiguous(backend, spec, scalars, params, grads, hvps, state,
                 t.copy_(c)
 
 
+def _scalar_dtype() -> torch.dtype:
+    """The dtype in which torch.optim keeps scalar state ('step', NAdam's 'mu_product')."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _carries_product(spec: Spec) -> bool:
+    """torch's NAdam schedule: its correction is the product of the mu_t of the steps taken,
+    kept in the state as 'mu_product' (a beta1 changed mid-run changes the later factors)."""
+    return spec.momentum != Momentum.NONE and spec.mu_schedule == Schedule.NADAM
+
+
 class _Bucket:
-    """Params of a plan that have taken the same number of steps (usually all of them)."""
+    """Params of a plan that have taken the same number of steps and carry the same product
+    (usually all of them)."""
 
     __slots__ = ("t", "indices", "carried", "before")
 
@@ -285,8 +304,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling: ClassVar[bool] = True
     # torch.optim.SGD keeps no 'step' in its state; every other optimizer does
     keeps_step: ClassVar[bool] = True
-    # state entries beyond the rule's roles and 'step' (NAdam's mu_product)
-    extra_state_keys: ClassVar[tuple[str, ...]] = ()
     # the keyword options that are not hyperparameters, with their defaults
     option_defaults: ClassVar[dict[str, Any]] = _OPTIONS
 
@@ -405,26 +422,51 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The group's hyperparameters under fastopt's generic names."""
         return group
 
-    def _extra_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> None:
-        """Subclass hook: state entries torch keeps beyond the rule's (NAdam's mu_product)."""
+    # -- the product the NAdam schedule carries in the state ----------------------------
+    @staticmethod
+    def _extra_keys(spec: Spec) -> tuple[str, ...]:
+        """State entries beyond the rule's roles and 'step'."""
+        return ("mu_product",) if _carries_product(spec) else ()
 
-    def _carried(self, group: dict[str, Any], state: dict[str, Any], t: int) -> float | None:
-        """Subclass hook: the product that a param's state carries from its ``t`` earlier
-        steps into the step's scalars (NAdam's mu_product), or None where the rule carries
-        none. Read on the host when a plan takes over the state; the plan carries it on."""
-        return None
+    def _extra_state(self, spec: Spec, state: dict[str, Any]) -> None:
+        if _carries_product(spec) and "mu_product" not in state:
+            # in torch's scalar dtype, as torch.optim.NAdam keeps it
+            state["mu_product"] = torch.ones((), dtype=_scalar_dtype())
+
+    def _carried(self, group: dict[str, Any], spec: Spec, state: dict[str, Any], t: int) -> float | None:
+        """prod_{i <= t} mu_i of a param's ``t`` steps from its 'mu_product', into which
+        torch.optim.NAdam multiplies each step's mu_t at that step's beta1 (OneCycleLR's
+        cycle_momentum changes it) and with which it steps; None for rules without one.
+
+        Read on the host when a plan takes over the state; the plan carries it on. Where
+        the stored product is the current beta1's own to the precision of its dtype (float32
+        under torch's default), the float64 value is used: a run resumed from a checkpoint
+        then steps as the uninterrupted run did."""
+        if not _carries_product(spec):
+            return None
+        stored = state.get("mu_product")
+        if stored is None:
+            return 1.0
+        value = float(stored)
+        exact = nadam_mu_product(t, *nadam_hyper(self.group_hyper(group)))
+        info = torch.finfo(stored.dtype) if isinstance(stored, torch.Tensor) else torch.finfo(torch.float64)
+        # t roundings of a product of factors below 1; and below the normal range, zero
+        if abs(value - exact) <= 2 * (t + 1) * info.eps * exact + info.tiny:
+            return exact
+        return value
 
     def _after_step(
         self,
         group: dict[str, Any],
+        spec: Spec,
         states: list[dict[str, Any]],
         t: int,
         taken: torch.Tensor | None,
-        t_device: torch.Tensor | None = None,
-        carried: float | None = None,
-        packed: dict[str, torch.Tensor] | None = None,
+        t_device: torch.Tensor | None,
+        carried: float | None,
+        packed: dict[str, torch.Tensor | None],
     ) -> float | None:
-        """Subclass hook: update those extra entries after a step at step number t, and
+        """Multiply mu_t into the 'mu_product' of ``states`` after their step number t, and
         return the host's copy of the carried product (``carried``, before the step) after
         it. With a device-side found_inf, ``taken`` is a 0-dim bool device tensor (whether
         the kernels took the step) and the entries live on that device; the host's copy
@@ -432,7 +474,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         number as the device tensor ``t_device`` (the host's t is not replayed). ``packed``:
         by key, the one tensor whose 0-dim views are that entry of every state in ``states``
         (one in-place op updates them all), where the plan packed them."""
-        return carried
+        if not _carries_product(spec):
+            return carried
+        b1, psi = nadam_hyper(self.group_hyper(group))
+        mu_t = nadam_mu(t, b1, psi)
+        whole = packed.get("mu_product")
+        products = [st["mu_product"] for st in states] if whole is None else [whole]
+        mu: float | torch.Tensor = mu_t
+        if t_device is not None:  # capturable: mu_t from the device's step count
+            mu = nadam_mu(t_device.to(products[0].dtype), b1, psi)
+        elif taken is not None:
+            mu = torch.full((), mu_t, dtype=products[0].dtype, device=taken.device)
+        if taken is not None:  # a factor of 1 where found_inf skipped the step
+            mu = torch.where(taken, mu, 1.0)
+        torch._foreach_mul_(products, mu)
+        return None if carried is None else carried * mu_t
 
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()
@@ -458,7 +514,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step_with_hvps(self, hvps: dict[torch.Tensor, torch.Tensor]) -> None:
         """A step whose HVP-curvature groups use the given H u products (one per param with
-        a gradient) instead of computing them: for curvature estimates made elsewhere."""
+        a gradient, each shaped, typed and placed as its param) instead of computing them:
+        for curvature estimates made elsewhere. They are used as given: under L2 weight
+        decay, ``step()`` adds the decay's own curvature wd u to H u, and so should they."""
         self._step_groups([self.group_spec(g) for g in self.param_groups], hvps)
 
     # The step hands raw addresses to fused kernels, which torch.compile cannot trace: in a
@@ -504,13 +562,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             if group.get("capturable") and len(plan.buckets) > 1:
                 raise ValueError(
                     f"param group {i}: capturable=True needs every param of the group at one step "
-                    "count (a loaded checkpoint holds several); step them in separate groups"
+                    "count and NAdam product (a loaded checkpoint holds several); step them in "
+                    "separate groups"
                 )
         found_inf = hooks.get("found_inf")
         # device-side counters ('step', NAdam's mu_product) advance only where it is 0
         taken = None if found_inf is None else found_inf.reshape(()) == 0
         for i, group, plan in ready:
             self._run_group(i, group, plan, grad_scale, hooks, taken)
+        self._unscale_grads([plan for _, _, plan in ready], found_inf)
         if found_inf is not None and not _capturing(found_inf.device):
             # the kernels skipped the step if found_inf was set; whether they did is read on
             # the host when it is next needed, by then without a wait
@@ -524,22 +584,22 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_scalars(self, index: int, group: dict[str, Any], plan: _Plan) -> None:
         self._check_group(index, group)
-        steps: dict[int, float | None] = {}  # step number -> the product carried into it
+        # (step number, the product carried into it) of each bucket
+        steps: set[tuple[int, float | None]] = set()
         if plan.state is None:  # not yet stepped by this plan: the counts are in the state
             for p in plan.params:
                 state = self.state.get(p) or {}
-                t = self._steps_from_state(state) + 1
-                if t not in steps:
-                    steps[t] = self._carried(group, state, t - 1)
+                t = self._steps_from_state(state)
+                steps.add((t + 1, self._carried(group, plan.spec, state, t)))
         else:
-            steps = {bucket.t + 1: bucket.carried for bucket in plan.buckets}
+            steps = {(bucket.t + 1, bucket.carried) for bucket in plan.buckets}
         hyper = self.group_hyper(group)
         plan.scalars = {}
         lr = group["lr"]
         if group.get("capturable") and isinstance(lr, torch.Tensor):
             lr = 1.0  # read on the device (a host read would sync); it is checked >= 0 when set
-        for t, carried in steps.items():
-            plan.scalars[t] = _group_scalars(index, plan.spec, hyper, t, float(lr), carried)
+        for t, carried in steps:
+            plan.scalars[t, carried] = _group_scalars(index, plan.spec, hyper, t, float(lr), carried)
 
     def _plan_group(self, index: int, group: dict[str, Any], spec: Spec, hvps: dict) -> _Plan | None:
         """The group's launch plan with this step's gradients, or None if no param has one.
@@ -569,6 +629,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             plan.hvps = [hvps.get(p) for p in params]
             if any(h is None for h in plan.hvps):
                 raise RuntimeError("a Hessian-vector product is missing for a param with a gradient")
+            self._check_grads(plan, plan.hvps, "Hessian-vector product")  # one given by hand too
         return plan
 
     def _build_plan(self, spec: Spec, params: list[torch.Tensor]) -> _Plan:
@@ -595,7 +656,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         _check_no_overlap(params)
         return _Plan(spec, params, device, dtype)
 
-    def _check_grads(self, plan: _Plan, grads: list[torch.Tensor]) -> None:
+    def _check_grads(self, plan: _Plan, grads: list[torch.Tensor], what: str = "gradient") -> None:
         # the usual case in one pass (C++ where fastopt._host is built); the loop below
         # finds what is wrong
         if tensor_lists.all_like(grads, plan.params):
@@ -608,11 +669,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 or g.device != p.device
             ):
                 if g.is_sparse:
-                    raise RuntimeError(f"fastopt {type(self).__name__} does not support sparse gradients")
+                    raise RuntimeError(f"fastopt {type(self).__name__} does not support sparse {what}s")
                 if torch.is_complex(g):
-                    raise RuntimeError(f"fastopt {type(self).__name__} does not support complex gradients")
+                    raise RuntimeError(f"fastopt {type(self).__name__} does not support complex {what}s")
                 raise RuntimeError(
-                    f"gradient ({tuple(g.shape)}, {g.dtype}, {g.device}, {g.layout}) does not match its "
+                    f"{what} ({tuple(g.shape)}, {g.dtype}, {g.device}, {g.layout}) does not match its "
                     f"parameter ({tuple(p.shape)}, {p.dtype}, {p.device})"
                 )
 
@@ -690,6 +751,24 @@ class FusedOptimizer(torch.optim.Optimizer):
             multiplier = coef if inv_scale is None else coef * inv_scale
         return {"grad_scale_ptr": multiplier, "found_inf": found_inf}
 
+    def _unscale_grads(self, plans: list[_Plan], found_inf: torch.Tensor | None) -> None:
+        """Leave the gradients unscaled after a step a GradScaler handed its scale to, as
+        torch's fused optimizers do (and as ``scaler.unscale_`` would have): code that reads
+        ``p.grad`` after ``scaler.step(opt)`` sees the true gradient. A skipped step (inf
+        or nan found) leaves them as they are. Clipping by ``max_grad_norm`` is applied
+        inside the step only."""
+        amp_scale = getattr(self, "grad_scale", None)
+        grads = [g for plan in plans for g in plan.grads]
+        if amp_scale is None or not grads:
+            return
+        if found_inf is None:  # the host path: a found inf skipped the step before this
+            torch._foreach_mul_(grads, 1.0 / float(amp_scale))
+            return
+        inv_scale = torch.reciprocal(amp_scale.float().reshape(()))
+        factor = torch.where(found_inf.reshape(()) != 0, torch.ones_like(inv_scale), inv_scale)
+        for device_grads in _by_device_and_dtype(grads):
+            torch._foreach_mul_(device_grads, factor.to(device_grads[0].dtype))
+
     def _await_skip(self, found_inf: torch.Tensor, stepped: list[_Plan]) -> None:
         """Remember a step that the kernels may have skipped: the plans' host step counts
         were advanced as if it was taken and are put back by :meth:`_settle_skipped_step` if
@@ -766,7 +845,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         hooked = plan.backend.name in _DEVICE_HOOK_BACKENDS
         capturable = bool(group.get("capturable")) and hooked and plan.steps is not None
         for bucket in plan.buckets:
-            scalars = plan.scalars.get(bucket.t + 1)  # computed by _check_scalars this step
+            scalars = plan.scalars.get((bucket.t + 1, bucket.carried))  # by _check_scalars
             if scalars is None:
                 hyper = self.group_hyper(group)
                 scalars = step_scalars(
@@ -800,9 +879,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._launch(plan.backend, spec, scalars, params, grads, hvps, state, options)
             bucket.before = (bucket.t, bucket.carried)
             bucket.t += 1
-            packed = plan.extras if idx is None else None  # a bucket holds some of the views
+            packed = plan.extras if idx is None else {}  # a bucket holds some of the views
             bucket.carried = self._after_step(
-                group, states, bucket.t, taken, t_device, bucket.carried, packed
+                group, spec, states, bucket.t, taken, t_device, bucket.carried, packed
             )
         if capturable:
             if taken is not None:
@@ -819,7 +898,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             # the device's step count is the truth (the host's may lag after replays)
             start = int(float(plan.steps[0])) if plan.steps is not None else plan.buckets[0].t
             # a carried product (NAdam's) continues from the state's, on the device
-            product = self._carried(group, plan.states[0], start) if plan.states else None
+            product = self._carried(group, plan.spec, plan.states[0], start) if plan.states else None
             made = plan.device_scalars = (
                 hyper,
                 DeviceScalars(plan.spec, hyper, plan.device, index, start, product=product),
@@ -863,24 +942,30 @@ class FusedOptimizer(torch.optim.Optimizer):
         scalar_device = plan.device if plan.backend.name in _DEVICE_HOOK_BACKENDS else torch.device("cpu")
         if self.keeps_step:
             # one buffer, each param's 'step' a 0-dim view of it: a step adds 1 once
-            plan.steps = torch.tensor(counts, dtype=torch.float32, device=scalar_device)
+            # float32 on the device, as torch's fused optimizers keep it; on the CPU torch's
+            # scalar dtype (float64 under a float64 default: exact counts past 2^24)
+            dtype = torch.float32 if scalar_device.type != "cpu" else _scalar_dtype()
+            plan.steps = torch.tensor(counts, dtype=dtype, device=scalar_device)
             for i, state in enumerate(states):
                 state["step"] = plan.steps[i]
-        plan.extras = {key: self._pack_extra(key, states, scalar_device) for key in self.extra_state_keys}
+        plan.extras = {key: self._pack_extra(key, states, scalar_device) for key in self._extra_keys(spec)}
         roles = list(spec.state_roles)
         if self.master_weights and plan.dtype in (torch.float16, torch.bfloat16):
             roles.append("master")
         plan.state = {role: [st[self._state_key(role)] for st in states] for role in roles}
         plan.states = states
-        by_count: dict[int, list[int]] = defaultdict(list)
-        for i, t in enumerate(counts):
-            by_count[t].append(i)
+        # params step together where they share a step count and a carried product (two
+        # params at one count may have multiplied their NAdam products at other beta1s)
+        by_count: dict[tuple[int, float | None], list[int]] = defaultdict(list)
+        for i, (t, state) in enumerate(zip(counts, states)):
+            by_count[t, self._carried(group, spec, state, t)].append(i)
         if len(by_count) == 1:
-            plan.buckets = [_Bucket(counts[0], None, self._carried(group, states[0], counts[0]))]
+            ((t, carried),) = by_count
+            plan.buckets = [_Bucket(t, None, carried)]
         else:
             plan.buckets = [
-                _Bucket(t, idx, self._carried(group, states[idx[0]], t))
-                for t, idx in sorted(by_count.items())
+                _Bucket(t, idx, carried)
+                for (t, carried), idx in sorted(by_count.items(), key=lambda item: item[1][0])
             ]
         if plan.backend is None:
             plan.backend = backends.choose(self.backend, spec, plan.device, plan.dtype)
@@ -908,7 +993,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Create the param's missing state entries."""
         distributed.adopt_state(p, state)  # a loaded unsharded state of a DTensor param
         if self.keeps_step and "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=_scalar_dtype())
         dtype = self.state_dtype or p.dtype
         for role in spec.state_roles:
             key = self.state_keys[role]
@@ -921,7 +1006,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             key = self._state_key("master")
             if key not in state:
                 state[key] = p.detach().float()
-        self._extra_state(group, p, state)
+        self._extra_state(spec, state)
 
     def _state_key(self, role: str) -> str:
         """The state key of a role (a preset names only the roles torch has)."""
@@ -964,7 +1049,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if s.curvature == Curvature.HVP
                 for p in g["params"]
             }
-            pairs = [(p, gr) for p, gr in zip(params, grads) if p in curv and gr is not None]
+            # u ~ N(0, I) over every param with a gradient, not only the HVP groups': the
+            # estimate of diag(H^2) is E[(H u)^2] with H the whole Hessian (the coupling of an
+            # HVP group's params to the others counts, whatever the grouping)
+            pairs = [(p, gr) for p, gr in zip(params, grads) if gr is not None]
             us = [torch.randn_like(p) for p, _ in pairs]
             # a gradient without a graph (the loss is linear in that param) has H u = 0
             live = [i for i, (_, gr) in enumerate(pairs) if gr.requires_grad]
@@ -978,7 +1066,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                     hv[i] = h
         for p, gr in zip(params, grads):
             p.grad = None if gr is None else gr.detach()
-        hvps = {p: (torch.zeros_like(p) if h is None else h.detach()) for (p, _), h in zip(pairs, hv)}
+        hvps = {
+            p: (torch.zeros_like(p) if h is None else h.detach()) for (p, _), h in zip(pairs, hv) if p in curv
+        }
+        # L2 decay adds wd/2 |p|^2 to the objective whose gradient the rule follows: its
+        # Hessian wd I adds wd u (as the gradient gets wd p), so that weight_decay=wd steps as
+        # that term in the loss would
+        u_of = {p: u for (p, _), u in zip(pairs, us)}
+        for group, spec in zip(self.param_groups, specs):
+            wd = float(self.group_hyper(group).get("weight_decay", 0.0))
+            if spec.curvature == Curvature.HVP and spec.weight_decay == WeightDecay.L2 and wd != 0.0:
+                # maximize: the objective is -f + wd/2 |p|^2; only |h| is used, so -h will do
+                alpha = -wd if spec.maximize else wd
+                for p in group["params"]:
+                    if p in hvps:
+                        hvps[p].add_(u_of[p], alpha=alpha)
         return loss.detach(), hvps
 
     # -- checkpoints --------------------------------------------------------------------
@@ -995,7 +1097,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not isinstance(value, dict):
             raise ValueError(f"state of param {key} is a {type(value).__name__}, not a dict")
         master = self._state_key("master")
-        known = {"step", master, *self.state_keys.values(), *self.extra_state_keys}
+        known = {"step", master, *self.state_keys.values(), *self._extra_keys(spec)}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(
@@ -1078,7 +1180,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for name, tensor in value.items():
                 if name == "step" or not isinstance(tensor, torch.Tensor):
                     continue
-                if name in self.extra_state_keys:  # NAdam's mu_product: kept as it was saved
+                if name in self._extra_keys(spec_of[key]):  # mu_product: kept as it was saved
                     dtype = tensor.dtype
                 elif name == master:
                     dtype = torch.float32

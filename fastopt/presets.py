@@ -24,10 +24,7 @@ import dataclasses
 import functools
 from typing import Any
 
-import torch
-
 from .optim import FusedOptimizer, ParamsT, check, check_lr
-from .scalars import nadam_hyper, nadam_mu, nadam_mu_product
 from .spec import (
     Accumulation,
     Curvature,
@@ -167,6 +164,8 @@ class _TorchTwin(FusedOptimizer):
     def __init__(self, params: ParamsT, defaults: dict[str, Any], options: dict[str, Any]) -> None:
         if options.pop("differentiable", False):
             raise NotImplementedError(f"fastopt {type(self).__name__} does not support differentiable=True")
+        if defaults.get("fused") and defaults.get("foreach"):  # contradictory: torch refuses it
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         unknown = sorted(set(options) - set(self.option_defaults))
         if unknown:  # as Python's own message: a misspelt option must not go unnoticed
             raise TypeError(
@@ -338,7 +337,6 @@ class Adamax(_AdamFamily):
 class NAdam(_AdamFamily):
     """torch.optim.NAdam, fused, with torch's momentum schedule and 'mu_product' state."""
 
-    extra_state_keys = ("mu_product",)
     _spec_keys = ("maximize", "decoupled_weight_decay")
 
     def __init__(
@@ -365,43 +363,6 @@ class NAdam(_AdamFamily):
     def spec_from(maximize, decoupled) -> Spec:
         wd = WeightDecay.DECOUPLED if decoupled else WeightDecay.L2
         return PRESETS["nadam"].spec.replace(maximize=bool(maximize), weight_decay=wd)
-
-    def _extra_state(self, group, p, state) -> None:
-        if "mu_product" not in state:  # in torch's scalar dtype, as torch.optim.NAdam keeps it
-            dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-            state["mu_product"] = torch.ones((), dtype=dtype)
-
-    def _carried(self, group, state, t) -> float:
-        """prod_{i <= t} mu_i from 'mu_product', into which torch multiplies each step's mu_t
-        at that step's beta1 (OneCycleLR's cycle_momentum changes it) and which it steps
-        with. Where the stored product is the current beta1's own to the precision of its
-        dtype (float32 under torch's default), the float64 value is used: a run resumed
-        from a checkpoint then steps as the uninterrupted run did."""
-        stored = state.get("mu_product")
-        if stored is None:
-            return 1.0
-        value = float(stored)
-        exact = nadam_mu_product(t, *nadam_hyper(self.group_hyper(group)))
-        info = torch.finfo(stored.dtype) if isinstance(stored, torch.Tensor) else torch.finfo(torch.float64)
-        # t roundings of a product of factors below 1; and below the normal range, zero
-        if abs(value - exact) <= 2 * (t + 1) * info.eps * exact + info.tiny:
-            return exact
-        return value
-
-    def _after_step(self, group, states, t, taken, t_device=None, carried=None, packed=None):
-        b1, psi = float(group["betas"][0]), float(group["momentum_decay"])
-        mu_t = nadam_mu(t, b1, psi)
-        whole = (packed or {}).get("mu_product")
-        products = [st["mu_product"] for st in states] if whole is None else [whole]
-        mu: float | torch.Tensor = mu_t
-        if t_device is not None:  # capturable: mu_t from the device's step count
-            mu = nadam_mu(t_device.to(products[0].dtype), b1, psi)
-        elif taken is not None:
-            mu = torch.full((), mu_t, dtype=products[0].dtype, device=taken.device)
-        if taken is not None:  # a factor of 1 where found_inf skipped the step
-            mu = torch.where(taken, mu, 1.0)
-        torch._foreach_mul_(products, mu)
-        return None if carried is None else carried * mu_t
 
 
 class RAdam(_AdamFamily):
@@ -458,6 +419,12 @@ class Adagrad(_TorchTwin):
         check(0.0 <= group["lr_decay"], f"Invalid lr_decay value: {group['lr_decay']}")
         initial = group["initial_accumulator_value"]
         check(0.0 <= initial, f"Invalid initial_accumulator_value value: {initial}")
+
+    def share_memory(self) -> None:
+        """Move the accumulators into shared memory (Hogwild training), as torch's Adagrad."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"].share_memory_()
 
     @staticmethod
     def spec_from(maximize) -> Spec:

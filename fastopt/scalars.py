@@ -106,25 +106,31 @@ def nadam_hyper(h: dict[str, Any]) -> tuple[float, float]:
     return float(h["mu"]), float(h.get("momentum_decay", 4e-3))
 
 
-# (beta1, momentum_decay) -> (t, product up to t): steps ask for t, t + 1, ... in turn
-_NADAM_PRODUCTS: dict[tuple[float, float], tuple[int, float]] = {}
+# (beta1, momentum_decay) -> {t: product up to t} for the last few t asked for: groups or
+# buckets at different step counts each continue from their own
+_NADAM_PRODUCTS: dict[tuple[float, float], dict[int, float]] = {}
+_NADAM_KEPT = 8
 
 
 def nadam_mu_product(t: int, beta1: float, momentum_decay: float) -> float:
     """prod_{i <= t} mu_i of torch.optim.NAdam (kept as state 'mu_product' there).
 
     Multiplied up in the same order whatever the cache holds, so the value is the same
-    whether it is computed afresh or continued from step t - 1.
+    whether it is computed afresh or continued from an earlier step.
     """
     key = (beta1, momentum_decay)
-    start, prod = _NADAM_PRODUCTS.get(key, (0, 1.0))
-    if start > t:
-        start, prod = 0, 1.0
+    kept = _NADAM_PRODUCTS.setdefault(key, {})
+    start = max((s for s in kept if s <= t), default=0)
+    prod = kept.get(start, 1.0)
     for i in range(start + 1, t + 1):
         prod *= nadam_mu(i, beta1, momentum_decay)
     if len(_NADAM_PRODUCTS) > 64:  # a few hyperparameter sets at a time is the use
         _NADAM_PRODUCTS.clear()
-    _NADAM_PRODUCTS[key] = (t, prod)
+        kept = _NADAM_PRODUCTS[key] = {}
+    if t not in kept and len(kept) >= _NADAM_KEPT:
+        del kept[next(iter(kept))]  # the oldest entry
+    kept.pop(t, None)
+    kept[t] = prod
     return prod
 
 

@@ -77,6 +77,10 @@ class _FunctionScheduler(LRScheduler):
         # chainable, as torch's StepLR: the current lr times f's change since the last step
         # (alone, that is f itself up to rounding)
         k, out = self.last_epoch, []
+        if getattr(self, "_is_initial", False) and k > 0:
+            # made with last_epoch = k - 1 to resume: the optimizer's lr (from its checkpoint)
+            # is already step k's; stepping it once more would skip a value
+            return [float(group["lr"]) for group in self.optimizer.param_groups]
         for group, lr0 in zip(self.optimizer.param_groups, self.base_lrs):
             before = lr0 if k == 0 else self.lr_at(lr0, k - 1)
             now = self.lr_at(lr0, k)

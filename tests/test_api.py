@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from optim_db import cpu_backends
 
 import fastopt
 from fastopt import presets
@@ -135,6 +136,61 @@ def test_egd_steps_a_param_whose_gradient_is_constant():
     ref = Reference(presets.spec("egd"), hyper, [before.numpy()])
     ref.step([np.full(1, 5.0)], [np.zeros(1)])  # d loss / d bias = 5, H u = 0
     np.testing.assert_allclose(lin.bias.detach().numpy(), ref.params[0], rtol=1e-12)
+
+
+def _coupled_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum() ** 2 + (a**4).sum()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("maximize", [False, True])
+def test_egd_weight_decay_steps_as_the_same_term_in_the_loss(backend, maximize):
+    """weight_decay = wd is wd/2 |x|^2 in the objective for the gradient (wd x) and for the
+    curvature (wd u), as for every other rule."""
+    runs = []
+    for wd, term in ((0.5, 0.0), (0.0, 0.5)):
+        x = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64).requires_grad_()
+        spec = presets.spec("egd").replace(maximize=maximize)
+        opt = fastopt.FusedOptimizer(
+            [x], spec=spec, backend=backend, lr=0.05, nu=0.999, eps=1e-4, weight_decay=wd
+        )
+        # L2 decay pulls towards 0 either way: maximize f - wd/2 |x|^2, minimize f + wd/2 |x|^2
+        sign = -1.0 if maximize else 1.0
+        for step in range(3):
+            torch.manual_seed(step)  # the same u in both runs
+            opt.step(lambda x=x, c=sign * term / 2: (x**4).sum() + c * (x**2).sum())
+        runs.append(x.detach())
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-12, atol=1e-14)
+
+
+def test_egd_curvature_does_not_depend_on_the_grouping():
+    """u is drawn over every param with a gradient: an EGD group next to an Adam group gets
+    (H u) of the whole Hessian, as when both params are in one EGD group."""
+    updates = []
+    for split in (False, True):
+        a = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        b = torch.tensor([1.5, 0.3, -0.7], dtype=torch.float64, requires_grad=True)
+        egd = presets.spec("egd")
+        groups = [
+            {"params": [a], "spec": egd},
+            {"params": [b], "spec": presets.spec("adam") if split else egd},
+        ]
+        opt = fastopt.FusedOptimizer(groups, spec=egd, lr=0.1, nu=0.999, eps=1e-4)
+        before = a.detach().clone()
+        torch.manual_seed(0)
+        opt.step(lambda a=a, b=b: _coupled_loss(a, b))
+        updates.append(a.detach() - before)
+    torch.testing.assert_close(updates[0], updates[1], rtol=1e-12, atol=0)
+
+
+def test_step_with_hvps_checks_the_products_before_anything_steps():
+    a, b = torch.ones(2, 3, requires_grad=True), torch.ones(4, requires_grad=True)
+    opt = fastopt.FusedOptimizer([{"params": [a]}, {"params": [b]}], spec=presets.spec("egd"), lr=0.1)
+    a.grad, b.grad = torch.ones(2, 3), torch.ones(4)
+    for bad in (torch.ones(3, 2), torch.ones(1), torch.ones(4, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match="Hessian-vector product .* does not match its parameter"):
+            opt.step_with_hvps({a: torch.ones(2, 3), b: bad})
+        assert torch.equal(a.detach(), torch.ones(2, 3)) and not opt.state[a]
 
 
 def test_backends_report():

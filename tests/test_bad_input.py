@@ -225,3 +225,11 @@ def test_hyperparameters_without_a_first_step_are_refused_at_construction(schedu
     }[schedule]
     with pytest.raises(ValueError, match="param group 0: its hyperparameters define no step 1"):
         fastopt.FusedOptimizer([torch.zeros(2, requires_grad=True)], spec=fastopt.presets.spec(spec), **kw)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad"])
+def test_fused_and_foreach_together_are_refused_as_torch_does(name):
+    p = [torch.zeros(2, requires_grad=True)]
+    for cls in (getattr(torch.optim, name), getattr(fastopt, name)):
+        with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+            cls(p, lr=0.1, fused=True, foreach=True)

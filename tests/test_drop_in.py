@@ -195,3 +195,61 @@ def test_misspelt_keyword_is_refused(info):
     with pytest.raises(TypeError) as theirs:
         info.torch_cls([torch.zeros(2, requires_grad=True)], max_grad_nrom=1.0, **info.base)
     assert "max_grad_nrom" in str(theirs.value)  # torch refuses it the same way
+
+
+@pytest.mark.parametrize("default", [torch.float32, torch.float64])
+@pytest.mark.parametrize("info,backend", CASES, ids=IDS)
+def test_state_entries_have_torch_s_dtypes_and_shapes(info, backend, default):
+    """Under a float64 default torch keeps 'step' (and NAdam's mu_product) in float64, so
+    counts stay exact past 2^24; under float32, in float32."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        runs = []
+        for make in (
+            lambda ps: info.fastopt_cls(ps, backend=backend, **_kw(info)),
+            lambda ps: info.torch_cls(ps, **_kw(info)),
+        ):
+            p = torch.zeros(3, requires_grad=True)
+            opt = make([p])
+            for _ in range(2):
+                p.grad = torch.ones(3)
+                opt.step()
+            runs.append({k: (v.dtype, v.shape) for k, v in opt.state[p].items()})
+        assert runs[0] == runs[1]
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_a_float64_step_count_advances_past_2_to_the_24():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        p = torch.zeros(2, requires_grad=True)
+        opt = fastopt.Adam([p], backend="cpp")
+        p.grad = torch.ones(2)
+        opt.step()
+        state = opt.state_dict()
+        state["state"][0]["step"] = torch.tensor(2.0**24 + 1)
+        opt.load_state_dict(state)
+        for _ in range(3):
+            opt.step()
+        assert float(opt.state[p]["step"]) == 2.0**24 + 4
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_adagrad_shares_its_accumulators_as_torch_does(backend):
+    """Hogwild training calls share_memory() before forking workers."""
+    runs = []
+    for cls, kw in ((fastopt.Adagrad, dict(backend=backend)), (torch.optim.Adagrad, {})):
+        p = torch.ones(3, requires_grad=True)
+        opt = cls([p], lr=0.1, **kw)
+        opt.share_memory()
+        assert opt.state[p]["sum"].is_shared()
+        for step in range(3):
+            p.grad = torch.full((3,), step + 1.0)
+            opt.step()
+        runs.append((p.detach(), opt.state[p]["sum"]))
+    torch.testing.assert_close(runs[0], runs[1])

@@ -22,6 +22,7 @@ from helpers import KERNEL_TOL, needs_triton, small_grads, small_params
 from optim_db import cpu_backends
 
 import fastopt
+from fastopt import scalars
 
 F64_TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -199,3 +200,79 @@ def test_nadam_params_at_different_step_counts_keep_their_own_products(backend, 
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **F64_TOL)
     assert ours_products == pytest.approx(their_products, rel=1e-12)
+
+
+def _set_beta1(group: dict, value: float) -> None:
+    if "betas" in group:  # torch's name
+        group["betas"] = (value, group["betas"][1])
+    else:
+        group["mu"] = value
+
+
+def _alternating_histories(make, steps: int = 10):
+    """Two params that reach each step count by different steps (a and b take turns for a
+    while), at a beta1 changed before every step: their products differ at equal counts."""
+    a, b = (torch.ones(4, requires_grad=True) for _ in range(2))
+    opt = make([a, b])
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        _set_beta1(opt.param_groups[0], 0.9 - 0.05 * step)
+        ga, gb = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+        a.grad = ga if (step < 3 or step >= 6) else None
+        b.grad = gb if step >= 3 else None
+        opt.step()
+    return [a, b], opt
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_params_at_one_count_with_other_histories_keep_their_own_products(backend, float64_default):
+    """a steps at 0-2 and 6-9, b at 3-9: at step 9 both have taken 7 steps, at other beta1s.
+    Each must step with its own product, as torch does (not the first param's)."""
+    ours, opt = _alternating_histories(lambda ps: fastopt.NAdam(ps, lr=0.1, backend=backend))
+    theirs, ref = _alternating_histories(lambda ps: torch.optim.NAdam(ps, lr=0.1))
+    assert float(opt.state[ours[0]]["step"]) == float(opt.state[ours[1]]["step"]) == 7
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **F64_TOL)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_the_generic_optimizer_carries_the_nadam_product(backend, float64_default):
+    """A FusedOptimizer with the NADAM schedule and mu changed mid-run keeps 'mu_product' in
+    its state and steps as torch.optim.NAdam with the same beta1 history."""
+    spec = fastopt.presets.spec("nadam")
+    ours, opt = _alternating_histories(
+        lambda ps: fastopt.FusedOptimizer(ps, spec=spec, lr=0.1, mu=0.9, nu=0.999, backend=backend)
+    )
+    theirs, ref = _alternating_histories(lambda ps: torch.optim.NAdam(ps, lr=0.1))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **F64_TOL)
+    for p, q in zip(ours, theirs):
+        assert float(opt.state[p]["mu_product"]) == pytest.approx(
+            float(ref.state[q]["mu_product"]), rel=1e-12
+        )
+
+
+def test_the_nadam_product_continues_from_each_count_asked_for(monkeypatch):
+    """Groups at far-apart step counts (one added mid-training) ask for products at both in
+    turn; each continues from its own count rather than restarting from step 1."""
+    calls = 0
+    real = scalars.nadam_mu
+
+    def counting(*args):
+        nonlocal calls
+        calls += 1
+        return real(*args)
+
+    monkeypatch.setattr(scalars, "nadam_mu", counting)
+    expected = {}
+    for t in (5000, 10):
+        product = 1.0
+        for i in range(1, t + 1):
+            product *= real(i, 0.9, 4e-3)
+        expected[t] = product
+    for step in range(20):
+        for t in (5000 + step, 10 + step):
+            got = scalars.nadam_mu_product(t, 0.9, 4e-3)
+            if step == 0:
+                assert got == expected[t]  # the same product, multiplied in the same order
+    assert calls < 5000 + 10 + 2 * 20 + 1  # one factor per new step after the first two

@@ -42,7 +42,8 @@ def _model(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
 @pytest.mark.parametrize("info", OPTIM_DB, ids=lambda i: i.name)
 def test_scaler_skips_overflowing_steps_and_matches_torch(info, backend, float64_default):
     """Six steps under a GradScaler, the fourth overflowing: it changes nothing, the scale
-    halves, and every step agrees with the torch.optim twin under its own scaler. (float64
+    halves, and every step agrees with the torch.optim twin under its own scaler, the
+    gradients left in p.grad included. (float64
     default dtype: torch keeps NAdam's mu_product in it.)"""
     dtype = torch.float32 if backend == "triton" else torch.float64
     # fp64: rounding apart; fp32: a few ulps per step of the fused vs unfused order
@@ -76,6 +77,8 @@ def test_scaler_skips_overflowing_steps_and_matches_torch(info, backend, float64
                 assert scalers[0].get_scale() == 2.0**11
             for pa, pb in zip(ours.parameters(), theirs.parameters()):
                 torch.testing.assert_close(pa, pb, **tol)
+                if step != 3:  # a taken step leaves p.grad unscaled, as torch's scaler does
+                    torch.testing.assert_close(pa.grad, pb.grad, **tol)
     assert scalers[0].get_scale() == scalers[1].get_scale()
     assert not hasattr(opt_a, "found_inf")  # the scaler removed what it lent us
 

@@ -161,3 +161,36 @@ def test_invalid_schedule_arguments():
         schedules.step_decay_lr(1.0, -5)
     with pytest.raises(ValueError, match="counts from 1"):
         schedules.taso_lr(1.0, 0, 10)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda o, last: schedules.StepDecay(o, step_size=2, gamma=0.5, last_epoch=last),
+        lambda o, last: schedules.ExponentialDecay(o, rate=0.5, last_epoch=last),
+        lambda o, last: schedules.TASO(o, total=8, last_epoch=last),
+    ],
+    ids=["step", "exponential", "taso"],
+)
+def test_a_scheduler_made_with_last_epoch_resumes_the_uninterrupted_run(make):
+    """The resume idiom torch documents: the optimizer's checkpoint, then the scheduler made
+    with last_epoch = the epochs done - 1. The lrs go on exactly as without the break."""
+    p = torch.zeros(1, requires_grad=True)
+    opt = fastopt.SGD([p], lr=1.0)
+    sched = make(opt, -1)
+    lrs, saved = [], None
+    for epoch in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        if epoch == 2:
+            saved = opt.state_dict()
+    resumed = fastopt.SGD([p], lr=1.0)
+    resumed.load_state_dict(saved)  # holds initial_lr, which last_epoch >= 0 needs
+    sched = make(resumed, 2)
+    again = []
+    for _ in range(3, 8):
+        again.append(resumed.param_groups[0]["lr"])
+        resumed.step()
+        sched.step()
+    assert again == pytest.approx(lrs[3:], rel=1e-12)
