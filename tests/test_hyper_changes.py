@@ -104,6 +104,27 @@ def test_skipped_steps_do_not_advance_the_carried_product(triton_device, captura
         )
 
 
+def _continue_both(params, state, backend, steps, beta1=None):
+    """fastopt.NAdam and torch.optim.NAdam loaded from one torch checkpoint and stepped on
+    with the same gradients (and beta1 per step, if given): [(params, optimizer)] * 2."""
+    runs = []
+    for make in (
+        lambda ps: fastopt.NAdam(ps, lr=1e-2, backend=backend),
+        lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+    ):
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        opt = make(ps)
+        opt.load_state_dict(copy.deepcopy(state))  # loading shares the tensors, as in torch
+        for step in steps:
+            if beta1 is not None:
+                opt.param_groups[0]["betas"] = (beta1(step), 0.999)
+            for p, g in zip(ps, small_grads(step, "cpu")):
+                p.grad = g
+            opt.step()
+        runs.append((ps, opt))
+    return runs
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_nadam_continues_a_torch_checkpoint_with_a_beta1_history(backend, float64_default):
     """Ten torch steps at a different beta1 each, checkpointed; fastopt continues exactly as
@@ -117,21 +138,11 @@ def test_nadam_continues_a_torch_checkpoint_with_a_beta1_history(backend, float6
         src.step()
     buf = io.BytesIO()
     torch.save(src.state_dict(), buf)
-    runs = []
-    for make in (
-        lambda ps: fastopt.NAdam(ps, lr=1e-2, backend=backend),
-        lambda ps: torch.optim.NAdam(ps, lr=1e-2),
-    ):
-        ps = [p.detach().clone().requires_grad_() for p in params]
-        opt = make(ps)
-        buf.seek(0)
-        opt.load_state_dict(torch.load(buf, weights_only=True))
-        for step in range(10, 20):
-            for p, g in zip(ps, small_grads(step, "cpu")):
-                p.grad = g
-            opt.step()
-        runs.append(ps)
-    for a, b in zip(*runs):
+    buf.seek(0)
+    (ours, _), (theirs, _) = _continue_both(
+        params, torch.load(buf, weights_only=True), backend, range(10, 20)
+    )
+    for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **F64_TOL)
 
 
@@ -182,21 +193,10 @@ def test_nadam_params_at_different_step_counts_keep_their_own_products(backend, 
         src.step()
     state = src.state_dict()
     assert len({float(s["step"]) for s in state["state"].values()}) == 3
-    runs = []
-    for make in (
-        lambda ps: fastopt.NAdam(ps, lr=1e-2, backend=backend),
-        lambda ps: torch.optim.NAdam(ps, lr=1e-2),
-    ):
-        ps = [p.detach().clone().requires_grad_() for p in params]
-        opt = make(ps)
-        opt.load_state_dict(copy.deepcopy(state))  # loading shares the tensors, as in torch
-        for step in range(7, 15):
-            opt.param_groups[0]["betas"] = (0.95 - 0.01 * step, 0.999)
-            for p, g in zip(ps, small_grads(step, "cpu")):
-                p.grad = g
-            opt.step()
-        runs.append((ps, [float(opt.state[p]["mu_product"]) for p in ps]))
-    (ours, ours_products), (theirs, their_products) = runs
+    runs = _continue_both(params, state, backend, range(7, 15), beta1=lambda step: 0.95 - 0.01 * step)
+    (ours, opt), (theirs, ref) = runs
+    ours_products = [float(opt.state[p]["mu_product"]) for p in ours]
+    their_products = [float(ref.state[p]["mu_product"]) for p in theirs]
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **F64_TOL)
     assert ours_products == pytest.approx(their_products, rel=1e-12)
