@@ -84,13 +84,6 @@ def _group_scalars(
         ) from exc
 
 
-def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-    for t in tensors:
-        groups[t.device, t.dtype].append(t)
-    return list(groups.values())
-
-
 def _same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
@@ -758,16 +751,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         or nan found) leaves them as they are. Clipping by ``max_grad_norm`` is applied
         inside the step only."""
         amp_scale = getattr(self, "grad_scale", None)
+        if amp_scale is None:
+            return
         grads = [g for plan in plans for g in plan.grads]
-        if amp_scale is None or not grads:
+        if not grads:
             return
         if found_inf is None:  # the host path: a found inf skipped the step before this
             torch._foreach_mul_(grads, 1.0 / float(amp_scale))
             return
         inv_scale = torch.reciprocal(amp_scale.float().reshape(()))
         factor = torch.where(found_inf.reshape(()) != 0, torch.ones_like(inv_scale), inv_scale)
-        for device_grads in _by_device_and_dtype(grads):
-            torch._foreach_mul_(device_grads, factor.to(device_grads[0].dtype))
+        torch._foreach_mul_(grads, factor)  # one device (the hooks' condition); any dtypes
 
     def _await_skip(self, found_inf: torch.Tensor, stepped: list[_Plan]) -> None:
         """Remember a step that the kernels may have skipped: the plans' host step counts
