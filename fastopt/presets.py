@@ -166,6 +166,7 @@ class _TorchTwin(FusedOptimizer):
             raise NotImplementedError(f"fastopt {type(self).__name__} does not support differentiable=True")
         if defaults.get("fused") and defaults.get("foreach"):  # contradictory: torch refuses it
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        self.check_hyper(defaults)
         unknown = sorted(set(options) - set(self.option_defaults))
         if unknown:  # as Python's own message: a misspelt option must not go unnoticed
             raise TypeError(
@@ -227,7 +228,6 @@ class SGD(_TorchTwin):
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
         )  # fmt: skip
-        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
 
     @staticmethod
@@ -284,7 +284,6 @@ class Adam(_AdamFamily):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             **_flags(foreach, fused, capturable, differentiable), decoupled_weight_decay=decoupled_weight_decay,
         )  # fmt: skip
-        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
 
     @staticmethod
@@ -326,7 +325,6 @@ class Adamax(_AdamFamily):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
             differentiable=differentiable, capturable=capturable,
         )  # fmt: skip
-        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
 
     @staticmethod
@@ -350,7 +348,6 @@ class NAdam(_AdamFamily):
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
             capturable=capturable, differentiable=differentiable,
         )  # fmt: skip
-        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
 
     @staticmethod
@@ -379,7 +376,6 @@ class RAdam(_AdamFamily):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
             capturable=capturable, decoupled_weight_decay=decoupled_weight_decay, differentiable=differentiable,
         )  # fmt: skip
-        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
 
     @staticmethod
@@ -404,7 +400,6 @@ class Adagrad(_TorchTwin):
             initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
             differentiable=differentiable, fused=fused,
         )  # fmt: skip
-        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
         # torch creates Adagrad's state in the constructor; so do we (same checkpoint layout)
         for group in self.param_groups:
@@ -452,7 +447,6 @@ class RMSprop(_TorchTwin):
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
             capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable,
         )  # fmt: skip
-        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
 
     @staticmethod
@@ -491,7 +485,6 @@ class Adadelta(_TorchTwin):
             lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize, capturable=capturable,
             foreach=foreach, differentiable=differentiable,
         )  # fmt: skip
-        self.check_hyper(defaults)
         super().__init__(params, defaults, dict(options, differentiable=differentiable))
 
     @staticmethod
