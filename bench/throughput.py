@@ -60,6 +60,9 @@ class Case:
     # clip to this global gradient norm: fastopt's max_grad_norm against torch's
     # clip_grad_norm_ before the step (foreach=False for the for-loop provider)
     max_grad_norm: float | None = None
+    # step as a GradScaler does (see _lend_scale): fused steps unscale inside and leave
+    # p.grad unscaled, the others unscale first, as GradScaler.unscale_ does
+    amp: bool = False
 
 
 CASES = [
@@ -79,6 +82,7 @@ CASES = [
     Case(
         "adam_clip", "adam", "Adam", {"lr": 1e-3}, max_grad_norm=1.0, summary="Adam fp32, clipped to norm 1"
     ),
+    Case("adam_amp", "adam", "Adam", {"lr": 1e-3}, amp=True, summary="Adam fp32 under a GradScaler"),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
 
@@ -169,6 +173,8 @@ def bytes_per_step(case: Case, shapes: list[Shape], param_dtype: torch.dtype = t
     reads = p * (2 if spec.curvature == Curvature.HVP else 1)
     if case.max_grad_norm is not None:
         reads += p  # the gradients' norm reads them once more
+    if case.amp:
+        reads += p  # the unscaled gradients written back
     per_element = 2 * p + reads + 2 * s * len(spec.state_roles)
     return per_element * numel(shapes)
 
@@ -210,6 +216,43 @@ def _clipped(
     return clipped_step
 
 
+def _lend_scale(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Lend a GradScaler's scale and found_inf to a step that unscales inside (as
+    ``GradScaler.step`` does for fused optimizers). The scale is 1: the step leaves p.grad
+    unscaled, and the next step must see the same gradients (a larger scale would shrink
+    them a step at a time, into the CPU's slow denormals); the work does not depend on it."""
+    opt.grad_scale = torch.ones((), device=device)
+    opt.found_inf = torch.zeros((), device=device)
+
+
+def _unscaled_first(
+    step: Callable[[], Any], params: list[torch.Tensor], device: torch.device
+) -> Callable[[], None]:
+    """An unfused optimizer's step under a GradScaler: ``GradScaler.unscale_``'s op over the
+    gradients (an inf check and a multiply, written back), then the step."""
+    grads = [p.grad for p in params]
+    found_inf, inv_scale = torch.zeros((), device=device), torch.ones((), device=device)
+
+    def step_after_unscaling() -> None:
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+        step()
+
+    return step_after_unscaling
+
+
+def _unscaling_apart(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same fastopt optimizer with the unscaled gradients written back in a pass of their
+    own after the step (how fastopt did it before its kernels wrote them): what fusing buys."""
+
+    def apart(self: Any, plans: list, inv_scale: torch.Tensor | None) -> list:
+        for plan in plans:
+            plan.unscale = None
+        return plans
+
+    opt.__class__ = type(type(opt).__name__, (type(opt),), {"_choose_unscaling": apart})
+    return opt
+
+
 def build_steps(
     case: Case,
     params: list[torch.Tensor],
@@ -236,6 +279,12 @@ def build_steps(
             notes[name] = f"failed: {_short_error(exc)}"
             continue
         steps[name] = (lambda o=opt: o.step_with_hvps(hvps)) if hvp else opt.step
+        if case.amp:
+            _lend_scale(opt, device)
+            if backend != "torch":
+                apart = _unscaling_apart(_fastopt_optimizer(case, params, backend))
+                _lend_scale(apart, device)
+                steps[f"{name}/unscale-apart"] = apart.step
         if case.state_dtype is not None and backend != "torch":
             # the same optimizer with fp32 state, in the same rounds: the ratio of the two
             # is what the narrower state buys
@@ -246,6 +295,9 @@ def build_steps(
             why = "bf16 state" if case.state_dtype is not None else "rule"
             notes[provider] = f"n/a: torch.optim has no such {why}"
             continue
+        if provider == "torch-compiled" and case.amp:
+            notes[provider] = "n/a: GradScaler steps are not compiled"
+            continue
         if provider == "torch-compiled" and not compiled:
             notes[provider] = "not measured: compile time (run with --compiled all)"
             continue
@@ -255,6 +307,10 @@ def build_steps(
             notes[provider] = f"n/a: {_short_error(exc)}"
             continue
         step = opt.step
+        if case.amp and provider == "torch-fused":
+            _lend_scale(opt, device)
+        elif case.amp:
+            step = _unscaled_first(step, params, device)
         if case.max_grad_norm is not None:
             step = _clipped(step, params, case.max_grad_norm, foreach=provider != "torch-forloop")
         if provider == "torch-compiled":

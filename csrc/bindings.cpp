@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,7 +47,7 @@ void to_addresses(const py::handle& list, std::size_t expected, const char* role
 }
 
 void step(uint32_t switches, const py::sequence& scalars, const py::list& sizes, const py::sequence& ptrs,
-          const std::vector<int>& dtypes, int num_threads) {
+          const std::vector<int>& dtypes, int num_threads, std::optional<double> unscale_grads) {
   if (py::len(ptrs) != cpu::NUM_ROLES || dtypes.size() != cpu::NUM_ROLES)
     throw py::value_error("ptrs and dtypes need one entry per role (see ROLES)");
   const StepScalars sc = to_scalars(scalars);
@@ -71,7 +72,7 @@ void step(uint32_t switches, const py::sequence& scalars, const py::list& sizes,
   const char* error;
   {
     py::gil_scoped_release no_gil;
-    error = cpu::step(switches, sc, group, num_threads);
+    error = cpu::step(switches, sc, group, num_threads, unscale_grads ? &*unscale_grads : nullptr);
   }
   if (error != nullptr) throw py::value_error(error);
 }
@@ -105,11 +106,13 @@ PYBIND11_MODULE(_C, mod) {
   mod.doc() = "fastopt's C++ CPU kernels: one fused multi-tensor step per (device, dtype) group";
 
   mod.def("step", &step, py::arg("switches"), py::arg("scalars"), py::arg("sizes"), py::arg("ptrs"),
-          py::arg("dtypes"), py::arg("num_threads"),
+          py::arg("dtypes"), py::arg("num_threads"), py::arg("unscale_grads") = py::none(),
           "One step of the rule for every tensor of a group, in place.\n\n"
           "switches: fastopt.rule.switches() packed by SWITCH_SHIFTS; scalars: a StepScalars;\n"
           "sizes: elements per tensor; ptrs: per role of ROLES a list of addresses or None;\n"
-          "dtypes: per role a DTYPES code; num_threads <= 0 means all cores.");
+          "dtypes: per role a DTYPES code; num_threads <= 0 means all cores; unscale_grads:\n"
+          "None, or a factor the gradients are written back times after the step read them\n"
+          "(AMP's inverse loss scale; the gradients must not share memory).");
   mod.def("sum_of_squares", &sum_of_squares, py::arg("dtype"), py::arg("sizes"), py::arg("ptrs"),
           py::arg("num_threads"),
           "The sum of the squares of every element of the tensors at ptrs (sizes elements each, one\n"

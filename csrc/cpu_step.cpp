@@ -506,6 +506,9 @@ struct Plan {
   KernelFn<float, uint16_t> kb;
   MathScalars<float> sf;
   MathScalars<double> sd;
+  bool unscale;  // write the gradients back times unscale_f (unscale_d for fp64)
+  float unscale_f;
+  double unscale_d;
 };
 
 template <typename T>
@@ -545,7 +548,7 @@ void run_blocks(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
 }
 
 // Steps elements [begin, begin + n) of tensor t.
-void run_piece(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
+void step_piece(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
   if (pl.fp64) {
     pl.kd(n, role_ptr<double>(pl, P, t, begin), role_ptr<double>(pl, G, t, begin),
           role_ptr<double>(pl, H, t, begin), role_ptr<double>(pl, M, t, begin), role_ptr<double>(pl, V, t, begin),
@@ -562,6 +565,50 @@ void run_piece(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
           role_ptr<uint16_t>(pl, U, t, begin), &pl.sf);
   } else {
     run_blocks(pl, t, begin, n);
+  }
+}
+
+// Multiplies gradient elements [begin, begin + n) of tensor t by the unscale factor in the
+// gradient's dtype, as torch's in-place multiply does: fp32 math for fp32/bf16/fp16 (then
+// rounded to nearest even), fp64 for fp64.
+void unscale_piece(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
+  const int dt = pl.group->dtypes[G];
+  char* base = reinterpret_cast<char*>(pl.group->ptrs[G][t]) + begin * dtype_size(dt);
+  // the factors in locals: a store through g could otherwise alias them, which would keep
+  // the loops from vectorizing
+  const double ud = pl.unscale_d;
+  const float uf = pl.unscale_f;
+  if (dt == F64) {
+    double* __restrict g = reinterpret_cast<double*>(base);
+    for (int64_t i = 0; i < n; ++i) g[i] *= ud;
+  } else if (dt == F32) {
+    float* __restrict g = reinterpret_cast<float*>(base);
+    for (int64_t i = 0; i < n; ++i) g[i] *= uf;
+  } else {
+    alignas(64) float buf[BLOCK];
+    for (int64_t b = 0; b < n; b += BLOCK) {
+      const int64_t len = std::min(BLOCK, n - b);
+      char* at = base + b * dtype_size(dt);
+      pl.isa->to_float(dt, at, buf, len);
+      for (int64_t i = 0; i < len; ++i) buf[i] *= uf;
+      pl.isa->from_float(dt, buf, at, len);
+    }
+  }
+}
+
+// Elements per piece when the gradients are written back: the step has just read a piece's
+// gradient, which is still in cache when it is multiplied and stored.
+constexpr int64_t UNSCALE_PIECE = 4096;
+
+void run_piece(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
+  if (!pl.unscale) {
+    step_piece(pl, t, begin, n);
+    return;
+  }
+  for (int64_t b = 0; b < n; b += UNSCALE_PIECE) {
+    const int64_t len = std::min(UNSCALE_PIECE, n - b);
+    step_piece(pl, t, begin + b, len);
+    unscale_piece(pl, t, begin + b, len);
   }
 }
 
@@ -657,8 +704,12 @@ const char* sum_of_squares(int dtype, int64_t num_tensors, const int64_t* sizes,
   return nullptr;
 }
 
-const char* step(uint32_t switches, const StepScalars& scalars, const Group& group, int num_threads) {
+const char* step(uint32_t switches, const StepScalars& scalars, const Group& group, int num_threads,
+                 const double* unscale_grads) {
   Plan pl;
+  pl.unscale = unscale_grads != nullptr;
+  pl.unscale_d = pl.unscale ? *unscale_grads : 1.0;
+  pl.unscale_f = static_cast<float>(pl.unscale_d);
   StepScalars sc;
   const uint32_t code = canonicalize(switches, scalars, &sc);
   const bool den = field(code, SHIFT_DENOMINATOR) != 0;

@@ -28,9 +28,14 @@ struct Group {
   int dtypes[NUM_ROLES];             // per role: a DType (ignored when the role is unused)
 };
 
-// Steps the group. `switches` is fastopt.rule.switches() packed by SwitchShift. Returns
-// null on success, else a static message saying why nothing was done.
-const char* step(uint32_t switches, const StepScalars& scalars, const Group& group, int num_threads);
+// Steps the group. `switches` is fastopt.rule.switches() packed by SwitchShift. With
+// `unscale_grads` set, every gradient element is also written back times *unscale_grads
+// (AMP's inverse loss scale) in the gradient's dtype, right after the step has read it:
+// the unscaling torch's fused optimizers leave in p.grad, without a second pass over memory.
+// The gradients must then not share memory. Returns null on success, else a static message
+// saying why nothing was done.
+const char* step(uint32_t switches, const StepScalars& scalars, const Group& group, int num_threads,
+                 const double* unscale_grads = nullptr);
 
 // Whether a kernel is compiled for these switches and math in fp64 (else fp32).
 bool has_kernel(uint32_t switches, bool fp64);

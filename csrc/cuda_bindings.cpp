@@ -25,8 +25,8 @@ const char* set_device(int device);
 const char* launch_step(uint32_t code, const int64_t* ptrs, const int64_t* sizes, const int64_t* chunks,
                         int64_t n_chunks, int na, const int* slots, const int* dtypes, int aligned,
                         int64_t chunk, const double* host_scalars, const double* device_scalars,
-                        const float* inv_scale, const float* found_inf, int maximize, int decoupled,
-                        uint64_t seed, void* stream);
+                        const float* inv_scale, const float* found_inf, const float* unscale, int maximize,
+                        int decoupled, uint64_t seed, void* stream);
 const char* launch_global_norm(const int64_t* ptrs, const int64_t* sizes, const int64_t* chunks,
                                int64_t n_chunks, int64_t chunk, int dtype, float* partials, unsigned* counter,
                                float* out, void* stream);
@@ -47,13 +47,14 @@ void check(const char* error) {
 void step(uint32_t code, int device, uintptr_t stream, uintptr_t ptrs, uintptr_t sizes, uintptr_t chunks,
           int64_t n_chunks, int na, const std::array<int, 7>& slots, const std::array<int, 3>& dtypes,
           bool aligned, int64_t chunk, const std::array<double, 12>& scalars, uintptr_t device_scalars,
-          uintptr_t inv_scale, uintptr_t found_inf, bool maximize, bool decoupled, uint64_t seed) {
+          uintptr_t inv_scale, uintptr_t found_inf, uintptr_t unscale, bool maximize, bool decoupled,
+          uint64_t seed) {
   check(fastopt::cuda::set_device(device));
   check(fastopt::cuda::launch_step(code, address<const int64_t>(ptrs), address<const int64_t>(sizes),
                                    address<const int64_t>(chunks), n_chunks, na, slots.data(), dtypes.data(),
                                    aligned ? 1 : 0, chunk, scalars.data(), address<const double>(device_scalars),
                                    address<const float>(inv_scale), address<const float>(found_inf),
-                                   maximize ? 1 : 0, decoupled ? 1 : 0, seed, address<void>(stream)));
+                                   address<const float>(unscale), maximize ? 1 : 0, decoupled ? 1 : 0, seed, address<void>(stream)));
 }
 
 void global_norm(int device, uintptr_t stream, uintptr_t ptrs, uintptr_t sizes, uintptr_t chunks, int64_t n_chunks,
@@ -78,7 +79,7 @@ PYBIND11_MODULE(_cuda, mod) {
   mod.def("step", &step, py::arg("code"), py::arg("device"), py::arg("stream"), py::arg("ptrs"), py::arg("sizes"),
           py::arg("chunks"), py::arg("n_chunks"), py::arg("na"), py::arg("slots"), py::arg("dtypes"),
           py::arg("aligned"), py::arg("chunk"), py::arg("scalars"), py::arg("device_scalars"), py::arg("inv_scale"),
-          py::arg("found_inf"), py::arg("maximize"), py::arg("decoupled"), py::arg("seed"),
+          py::arg("found_inf"), py::arg("unscale"), py::arg("maximize"), py::arg("decoupled"), py::arg("seed"),
           "One fused step over a pointer table (addresses are integers; 0 means absent).");
   mod.def("global_norm", &global_norm, py::arg("device"), py::arg("stream"), py::arg("ptrs"), py::arg("sizes"),
           py::arg("chunks"), py::arg("n_chunks"), py::arg("chunk"), py::arg("dtype"), py::arg("partials"),

@@ -55,6 +55,7 @@ struct StepArgs {
   const double* device_scalars;  // or null: StepScalars fields, then the rounding seed
   const float* inv_scale;  // or null: multiplies the gradients
   const float* found_inf;  // or null: nonzero skips the step
+  const float* unscale;  // or null: each gradient is stored back times it (AMP's p.grad)
   uint64_t seed;  // nonzero: stochastic rounding of bf16 state
 };
 
@@ -301,6 +302,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
     if (rnd.key != 0) rnd.key = static_cast<uint64_t>(d[13]) * 0x9e3779b97f4a7c15ull + 1;
   }
   if (a.inv_scale != nullptr) sc.grad_scale *= *a.inv_scale;
+  const float unscale = a.unscale != nullptr ? *a.unscale : 1.0f;
   MathScalars<float> rule_sc = sc;
   if (a.has_l2) rule_sc.grad_scale = 1.0f;  // applied below with the L2 term
   if (rnd.key != 0) rnd.key ^= static_cast<uint64_t>(t) << 40;
@@ -317,6 +319,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
   void* u = ADA ? reinterpret_cast<void*>(row[a.slot[U]]) : nullptr;
   const int dp = w != nullptr ? F32 : a.dt_p, ds = a.dt_s, dg = a.dt_g;
   void* pw = w != nullptr ? static_cast<void*>(w) : p;
+  void* g_out = a.unscale != nullptr ? const_cast<void*>(g) : nullptr;
 
   for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * kVec; i < stop;
        i += static_cast<int64_t>(blockDim.x) * kVec) {
@@ -333,6 +336,12 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
     if constexpr (AMS) load(vmax, ds, i, n, whole, rvm);
     if constexpr (CEN) load(gavg, ds, i, n, whole, rga);
     if constexpr (ADA) load(u, ds, i, n, whole, ru);
+    if (g_out != nullptr) {  // read above, by this thread only: written back unscaled
+      float rs[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) rs[k] = rg[k] * unscale;
+      store(g_out, dg, i, n, whole, rs, Rounding{0}, 0);
+    }
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       if (a.has_l2) rg[k] = rg[k] * sc.grad_scale + rp[k] * sc.weight_decay;  // the rule's first lines
@@ -446,8 +455,8 @@ void dtype_codes(int* f32, int* bf16, int* f16) {
 const char* launch_step(uint32_t code, const int64_t* ptrs, const int64_t* sizes, const int64_t* chunks,
                         int64_t n_chunks, int na, const int* slots, const int* dtypes, int aligned,
                         int64_t chunk, const double* host_scalars, const double* device_scalars,
-                        const float* inv_scale, const float* found_inf, int maximize, int decoupled,
-                        uint64_t seed, void* stream) {
+                        const float* inv_scale, const float* found_inf, const float* unscale, int maximize,
+                        int decoupled, uint64_t seed, void* stream) {
   const int at = find_code(code & ~(1u << SHIFT_HAS_L2));
   if (at < 0) return "no CUDA kernel is compiled for these switches";
   if (n_chunks <= 0) return nullptr;
@@ -473,6 +482,7 @@ const char* launch_step(uint32_t code, const int64_t* ptrs, const int64_t* sizes
   a.device_scalars = device_scalars;
   a.inv_scale = inv_scale;
   a.found_inf = found_inf;
+  a.unscale = unscale;
   a.seed = seed;
   const KernelFn fn = detail::g_kernels[at];
   if (fn == nullptr) return "a CUDA kernel shard is missing from this build";

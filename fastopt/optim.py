@@ -238,6 +238,7 @@ class _Plan:
         "scalars",
         "device_scalars",
         "extras",
+        "unscale",
     )
 
     def __init__(
@@ -257,6 +258,9 @@ class _Plan:
         self.device_scalars: tuple[dict[str, Any], DeviceScalars] | None = None
         # by extra state key, the tensor whose views hold it for every param (or None)
         self.extras: dict[str, torch.Tensor | None] = {}
+        # this step's AMP inverse loss scale when the backend writes the unscaled gradients
+        # back itself (a float on the host, a device tensor with device hooks), else None
+        self.unscale: float | torch.Tensor | None = None
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -559,11 +563,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                     "separate groups"
                 )
         found_inf = hooks.get("found_inf")
+        unscaled_apart = self._choose_unscaling([plan for _, _, plan in ready], hooks.pop("inv_scale", None))
         # device-side counters ('step', NAdam's mu_product) advance only where it is 0
         taken = None if found_inf is None else found_inf.reshape(()) == 0
         for i, group, plan in ready:
             self._run_group(i, group, plan, grad_scale, hooks, taken)
-        self._unscale_grads([plan for _, _, plan in ready], found_inf)
+        self._unscale_grads(unscaled_apart, found_inf)
         if found_inf is not None and not _capturing(found_inf.device):
             # the kernels skipped the step if found_inf was set; whether they did is read on
             # the host when it is next needed, by then without a wait
@@ -742,14 +747,49 @@ class FusedOptimizer(torch.optim.Optimizer):
             # nan/0, which clip_grad_norm_ multiplies the gradients by too
             coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
             multiplier = coef if inv_scale is None else coef * inv_scale
-        return {"grad_scale_ptr": multiplier, "found_inf": found_inf}
+        return {"grad_scale_ptr": multiplier, "found_inf": found_inf, "inv_scale": inv_scale}
+
+    def _choose_unscaling(self, plans: list[_Plan], inv_scale: torch.Tensor | None) -> list[_Plan]:
+        """Under a GradScaler's scale, have each backend that can write the unscaled gradients
+        back in the step itself do so, as torch's fused kernels do (one pass over memory, not
+        two): the cpp backend on the host path, triton and cuda with device hooks
+        (``inv_scale``: the scale's inverse on the device). Returns the plans whose gradients
+        :meth:`_unscale_grads` unscales after the step instead.
+
+        A step that writes gradients while other programs of it read them needs gradients
+        that share no memory (two params given one gradient tensor would read it unscaled
+        once and twice): if any do, or any is not contiguous, no step writes them.
+        """
+        for plan in plans:
+            plan.unscale = None
+        amp_scale = getattr(self, "grad_scale", None)
+        if amp_scale is None:
+            return []
+        hooked = inv_scale is not None
+        fusing = [
+            plan
+            for plan in plans
+            if (plan.backend.name in _DEVICE_HOOK_BACKENDS) == hooked
+            and (hooked or plan.backend.name == "cpp")
+            and not distributed.is_dtensor(plan.params[0])  # (shards: addresses are per rank)
+        ]
+        if not fusing:
+            return plans
+        read = [plan.grads for plan in plans] + [plan.hvps for plan in plans if plan.hvps is not None]
+        if not all(tensor_lists.all_contiguous(ts) for ts in read) or not tensor_lists.disjoint(read):
+            return plans
+        value = inv_scale if hooked else 1.0 / float(amp_scale)
+        for plan in fusing:
+            plan.unscale = value
+        return [plan for plan in plans if plan.unscale is None]
 
     def _unscale_grads(self, plans: list[_Plan], found_inf: torch.Tensor | None) -> None:
         """Leave the gradients unscaled after a step a GradScaler handed its scale to, as
         torch's fused optimizers do (and as ``scaler.unscale_`` would have): code that reads
         ``p.grad`` after ``scaler.step(opt)`` sees the true gradient. A skipped step (inf
         or nan found) leaves them as they are. Clipping by ``max_grad_norm`` is applied
-        inside the step only."""
+        inside the step only. Here for the plans whose step did not write them back (see
+        :meth:`_choose_unscaling`)."""
         amp_scale = getattr(self, "grad_scale", None)
         if amp_scale is None:
             return
@@ -870,6 +910,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     options["grad_scale_ptr"] = torch.full((1,), grad_scale, device=plan.device)
             elif hooked:  # the seed makes a resumed run round bf16 state as the original did
                 options = dict(hooks, seed=rounding_seed(bucket.t + 1, index))
+            if plan.unscale is not None:
+                options["unscale_grads"] = plan.unscale
             self._launch(plan.backend, spec, scalars, params, grads, hvps, state, options)
             bucket.before = (bucket.t, bucket.carried)
             bucket.t += 1

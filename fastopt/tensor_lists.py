@@ -117,3 +117,23 @@ def all_like(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> bool:
         and all(map(operator.eq, map(_device, tensors), map(_device, like)))
         and all(map(operator.eq, map(_shape, tensors), map(_shape, like)))
     )
+
+
+def disjoint(lists: list[list[torch.Tensor]]) -> bool:
+    """Whether no two tensors of these lists share memory. The tensors must be contiguous,
+    and each list's of one dtype (a group's gradients); empty tensors share nothing."""
+    starts, ends = [], []
+    for tensors in lists:
+        if tensors:
+            begin = addresses(tensors)
+            starts.append(begin)
+            ends.append(begin + numels(tensors) * tensors[0].element_size())
+    if not starts:
+        return True
+    start, end = np.concatenate(starts), np.concatenate(ends)
+    used = end > start
+    start, end = start[used], end[used]
+    order = np.argsort(start, kind="stable")
+    start, end = start[order], end[order]
+    # sorted by start, each range must begin at or after the end of every range before it
+    return bool(np.all(start[1:] >= np.maximum.accumulate(end[:-1])))

@@ -257,7 +257,8 @@ CAPTURABLE_TWINS = [
 )
 def test_random_scaler_sequences_match_the_host_path(flags, cls, log2_scale, clip, capturable):
     """Random sequences of skipped and taken steps, loss scales, clipping and capturable:
-    the device path equals the torch backend, which reads everything on the host."""
+    the device path equals the torch backend, which reads everything on the host, the
+    gradients left in p.grad included."""
     if HAS_CUDA:
         env, device = contextlib.nullcontext(), torch.device("cuda")
     else:
@@ -268,5 +269,8 @@ def test_random_scaler_sequences_match_the_host_path(flags, cls, log2_scale, cli
     theirs, ref = _run(cls, "torch", device, flags, 2.0**log2_scale, **kw)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, **TOL)
+        # the last step's gradient: unscaled (not clipped) by the kernel or apart, or as it
+        # was if skipped; power-of-two scales make the unscaling exact on both sides
+        assert torch.equal(p.grad, q.grad)
         # (a first step skipped on the host creates no state; on the device it creates zeros)
         assert float(opt.state[p]["step"]) == float(ref.state[q].get("step", 0)) == flags.count(0)

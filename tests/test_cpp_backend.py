@@ -394,6 +394,48 @@ def test_five_thousand_tiny_tensors_in_one_call(cpp):
         assert_bitwise_equal(all_tensors(together, state), all_tensors(alone, alone_state), spec.short())
 
 
+# ---- (c') the unscaled gradients written back in the step (AMP) ---------------------------
+
+# not a power of two: the product is rounded, so the rounding is checked too
+UNSCALE = 1.0 / 3.0
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+@pytest.mark.parametrize(
+    "spec,dtype,state_dtype,master",
+    CHUNK_CASES,
+    ids=["adam-fp32", "adam-bf16-state", "adadelta-fp64", "egd-fp16-fp32-state", "adamax-bf16-master"],
+)
+def test_unscaled_gradients_are_written_back_in_the_step(
+    cpp, ext, monkeypatch, threads, spec, dtype, state_dtype, master
+):
+    """With ``unscale_grads`` each gradient is left times the factor, rounded as torch's
+    in-place multiply rounds it, and the step is the step without it, bit for bit (each
+    piece's gradient is read before it is written), across chunks, the 4096-element pieces
+    of the write-back and thread counts."""
+    monkeypatch.setenv("FASTOPT_NUM_THREADS", threads)
+    sizes = _chunk_sizes(ext) + [3 * 4096 + 5]
+    fused, state = make_group(spec, sizes, dtype, state_dtype, master)
+    apart, apart_state = clone_group(fused, state)
+    grads, hvps = make_grads(spec, sizes, dtype, 1)
+    expected = [g.clone().mul_(UNSCALE) for g in grads]
+    scalars = step_scalars(spec, HYPER, 1)._replace(grad_scale=UNSCALE)
+    cpp.step(spec, scalars, apart, [g.clone() for g in grads], hvps, apart_state)
+    cpp.step(spec, scalars, fused, grads, hvps, state, unscale_grads=UNSCALE)
+    assert_bitwise_equal(all_tensors(fused, state), all_tensors(apart, apart_state), spec.short())
+    assert_bitwise_equal(grads, expected, "unscaled gradients")
+
+
+def test_unscaled_gradients_reach_non_contiguous_gradients(cpp):
+    param = torch.randn(6, 5)
+    grad = torch.randn(5, 6).t()  # a transposed view: stepped through a contiguous copy
+    expected = grad.clone().mul_(UNSCALE)
+    state = {r: [torch.rand(6, 5) + 0.5] for r in ADAM.state_roles}
+    cpp.step(ADAM, step_scalars(ADAM, HYPER, 1), [param], [grad], None, state, unscale_grads=UNSCALE)
+    assert not grad.is_contiguous()
+    assert torch.equal(grad, expected)
+
+
 # ---- (d) determinism ----------------------------------------------------------------------
 
 

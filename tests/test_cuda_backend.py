@@ -126,7 +126,7 @@ def test_module_tables_match_the_rule(cuda_module):
     device = torch.cuda.device_count() + 7  # no such device, GPU machine or not
     with pytest.raises(RuntimeError, match="fastopt._cuda: "):
         cuda_module.step(cuda_module.kernel_codes()[0], device, 0, 0, 0, 0, 1, 2, [-1] * 7, [0, 0, 0],
-                         True, 16384, [0.0] * 12, 0, 0, 0, False, False, 0)  # fmt: skip
+                         True, 16384, [0.0] * 12, 0, 0, 0, 0, False, False, 0)  # fmt: skip
 
 
 @pytest.fixture
@@ -204,6 +204,14 @@ def test_amp_hooks_and_device_scalars(cb, shared):
         case.step(cb, sc, grad_scale_ptr=inv, found_inf=torch.zeros(1, device=dev),
                   scalars_tensor=cb._tables.scalars_tensor(sc, dev))  # fmt: skip
         case.check(f"t={t}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_unscale_grads_writes_the_unscaled_gradients_back(cb, shared, dtype):
+    """The Triton backend's test of the same hook, on this backend."""
+    shared.test_unscale_grads_writes_the_unscaled_gradients_back(cb, torch.device("cuda"), dtype)
 
 
 @pytest.mark.gpu

@@ -83,6 +83,76 @@ def test_scaler_skips_overflowing_steps_and_matches_torch(info, backend, float64
     assert not hasattr(opt_a, "found_inf")  # the scaler removed what it lent us
 
 
+FUSING_BACKENDS = [b for b in BACKENDS if b != "torch"]  # the torch backend unscales apart
+
+
+@pytest.mark.parametrize("backend", FUSING_BACKENDS)
+def test_the_step_itself_leaves_the_gradients_unscaled(backend, monkeypatch):
+    """cpp (host path) and Triton (device hooks) write p.grad back unscaled in the step's own
+    pass: the separate unscaling pass is handed no group, and p.grad is torch's."""
+    apart: list[int] = []
+    separate = fastopt.FusedOptimizer._unscale_grads
+
+    def spy(self, plans, found_inf):
+        apart.append(len(plans))
+        separate(self, plans, found_inf)
+
+    monkeypatch.setattr(fastopt.FusedOptimizer, "_unscale_grads", spy)
+    ours, theirs = _model(torch.float32), _model(torch.float32)
+    with _backend_env(backend):
+        opt_a = fastopt.Adam(ours.parameters(), backend=backend)
+        opt_b = torch.optim.Adam(theirs.parameters())
+        x = torch.randn(16, 5, generator=torch.Generator().manual_seed(2))
+        for model, opt in ((ours, opt_a), (theirs, opt_b)):
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+            scaler.scale(model(x).pow(2).mean()).backward()
+            scaler.step(opt)
+    assert apart == [0]
+    for pa, pb in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(pa.grad, pb.grad)  # one multiply by a power of two: exact
+        torch.testing.assert_close(pa, pb, rtol=2e-5, atol=2e-6)  # fp32: a few ulps, one step
+
+
+def _shared_gradient_run(make_opt, aliasing: str, backend: str) -> list[torch.Tensor]:
+    """Three GradScaler steps of two params whose loss gives both the same gradient. With
+    ``aliasing`` their gradients share memory: one tensor ("same"), or overlapping views of
+    one buffer ("overlap": the gradient repeats with period 2, so both views hold it)."""
+    x = torch.tensor([0.5, -2.0] * 3)
+    p1 = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 6))
+    p2 = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 6))
+    with _backend_env(backend):
+        opt = make_opt([p1, p2])
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for _ in range(3):
+            opt.zero_grad()
+            scaler.scale((p1 * x).sum() + (p2 * x).sum()).backward()
+            if aliasing == "same":
+                p2.grad = p1.grad
+            elif aliasing == "overlap":
+                flat = torch.cat([p1.grad, p1.grad[:2]])
+                p1.grad, p2.grad = flat[:6], flat[2:]
+            scaler.step(opt)
+            scaler.update()
+    return [p1.detach().clone(), p2.detach().clone()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aliasing", ["same", "overlap"])
+def test_gradients_sharing_memory_are_all_read_scaled(backend, aliasing):
+    """A step that unscaled a shared gradient while stepping one param would hand the other
+    param a gradient unscaled twice: params whose gradients share memory step as if each
+    had its own copy (SGD with momentum: a twice-unscaled gradient would show at once)."""
+
+    def make(params):
+        return fastopt.SGD(params, lr=0.1, momentum=0.9, backend=backend)
+
+    shared = _shared_gradient_run(make, aliasing, backend)
+    own = _shared_gradient_run(make, "none", backend)
+    reference = _shared_gradient_run(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "none", "torch")
+    assert torch.equal(shared[0], own[0]) and torch.equal(shared[1], own[1])
+    torch.testing.assert_close(own, reference, rtol=1e-6, atol=1e-7)  # fp32, three steps
+
+
 # ---- training under autocast ----------------------------------------------------------------
 
 STEPS, SEEDS, WINDOW = 80, 4, 20

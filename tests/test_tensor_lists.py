@@ -86,6 +86,27 @@ def test_all_like_finds_each_kind_of_mismatch(lists):
     assert not lists.all_like(grads[:2], params)  # one missing
 
 
+def test_disjoint_finds_any_shared_byte(lists):
+    """Separate tensors and back-to-back views share nothing; the same tensor twice, a view
+    overlapping another by one element, or lists of other dtypes overlapping do; empty
+    views share nothing even at one address."""
+    flat = torch.zeros(40)
+    views = [flat[0:10], flat[10:10], flat[10:25], flat[25:40]]
+    assert lists.disjoint([views, [torch.zeros(3), torch.zeros(0)]])
+    assert lists.disjoint([]) and lists.disjoint([[], [flat]])
+    assert lists.disjoint([[flat[5:5], flat[5:5], flat[0:5]]])
+    assert not lists.disjoint([views + [flat[24:26]]])
+    assert not lists.disjoint([[flat[0:10]], [flat[9:11]]])  # one element shared
+    assert not lists.disjoint([[views[0]], [views[0]]])
+    half = torch.zeros(8, dtype=torch.bfloat16)
+    assert lists.disjoint([[half[:4]], [half[4:]]])
+    assert not lists.disjoint([[half[:5]], [half[4:]]])  # 2-byte elements: one shared
+    wide = torch.zeros(4, dtype=torch.float64)
+    as_floats = wide.view(torch.float32)  # eight floats over the four doubles
+    assert not lists.disjoint([[wide[1:2]], [as_floats[3:4]]])  # the second double's last half
+    assert lists.disjoint([[wide[1:2]], [as_floats[4:5]]])
+
+
 def test_subclasses_are_answered_by_python(lists):
     plain = torch.arange(6.0)
     tagged = plain.as_subclass(Tagged)

@@ -436,6 +436,31 @@ def test_grad_scale_tensor_multiplies_the_grads(tb, device):
         case.check(f"t={t}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unscale_grads_writes_the_unscaled_gradients_back(tb, device, dtype):
+    """``unscale_grads``: each gradient is left times the factor, rounded as torch's in-place
+    multiply rounds it, the step is the step without it bit for bit, and an overflowed
+    step (found_inf set) leaves the gradients as they were."""
+    factor = torch.full((1,), 1.0 / 3.0, device=device)  # not a power of two: rounded
+    a = Case(ADAM, HYPER, SIZES, device, t0=3, p_dtype=dtype)
+    b = Case(ADAM, HYPER, SIZES, device, t0=3, p_dtype=dtype)
+    grads = [g.to(dtype).to(device) for g in a.draw()[0]]
+    expected = [g.clone().mul_(factor) for g in grads]
+    scalars = step_scalars(ADAM, HYPER, 3)
+    tb.step(ADAM, scalars, b.params, [g.clone() for g in grads], None, b.state, grad_scale_ptr=factor)
+    tb.step(ADAM, scalars, a.params, grads, None, a.state, grad_scale_ptr=factor, unscale_grads=factor)
+    for x, y in zip(
+        a.params + a.state["m"] + a.state["v"], b.params + b.state["m"] + b.state["v"], strict=True
+    ):
+        assert torch.equal(x, y)
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.equal(g, e)
+    flag = torch.ones(1, device=device)
+    kept = [g.clone() for g in grads]
+    tb.step(ADAM, scalars, a.params, grads, None, a.state, found_inf=flag, unscale_grads=factor)
+    assert all(torch.equal(g, k) for g, k in zip(grads, kept, strict=True))
+
+
 @pytest.mark.parametrize("case", [SUBSET[4], SUBSET[8]], ids=["adamw-maximize", "radam"])
 def test_scalars_tensor_equals_host_scalars(tb, device, case):
     _, spec, hyper, t0, _ = case

@@ -149,14 +149,18 @@ def _record_launches(monkeypatch) -> list[dict]:
     step("adam one large tensor", ADAM, HYPER, 3, sizes=SIZES[1:])
     one = torch.ones(1)
     inf = torch.zeros(1)
-    step("adam amp", ADAM, NO_WD, 3, grad_scale_ptr=one, found_inf=inf)
-    step("adam amp bf16", ADAM, NO_WD, 3, torch.bfloat16, grad_scale_ptr=one, found_inf=inf)
+    # as the optimizer launches an AMP step: the unscaled gradients written back too
+    amp = dict(grad_scale_ptr=one, found_inf=inf, unscale_grads=one)
+    step("adam amp", ADAM, NO_WD, 3, **amp)
+    step("adam amp bf16", ADAM, NO_WD, 3, torch.bfloat16, **amp)
+    step("adam amp no write-back", ADAM, NO_WD, 3, grad_scale_ptr=one, found_inf=inf)
     radam = ADAM.replace(extra=Extra.RADAM)
     adadelta = next(case[1] for case in SUBSET if case[0] == "adadelta")
     for name, spec in [("adam", ADAM), ("adamw", adamw), ("radam", radam), ("adadelta", adadelta)]:
         scalars = tb.scalars_tensor(step_scalars(spec, HYPER, 3), "cpu", seed=5)
         step(f"{name} capturable", spec, HYPER, 3, scalars_tensor=scalars, found_inf=inf)
     scalars = tb.scalars_tensor(step_scalars(ADAM, HYPER, 3), "cpu", seed=5)
+    step("adam capturable amp", ADAM, HYPER, 3, scalars_tensor=scalars, **amp)
     step(
         "adam capturable fp32 bf16-state",
         ADAM,

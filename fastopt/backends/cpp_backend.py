@@ -161,8 +161,14 @@ def step(
     grads: list[torch.Tensor],
     hvps: list[torch.Tensor] | None,
     state: dict[str, list[torch.Tensor]],
+    *,
+    unscale_grads: float | None = None,
 ) -> None:
-    """One fused step of ``spec`` over the group, in place (see :mod:`fastopt.backends`)."""
+    """One fused step of ``spec`` over the group, in place (see :mod:`fastopt.backends`).
+
+    ``unscale_grads``: a factor (AMP's inverse loss scale) that each gradient is written back
+    times once the step has read it, in the same pass; the gradients must not share memory.
+    """
     if not params:
         return
     if _C is None:
@@ -171,7 +177,8 @@ def step(
     if missing:
         raise KeyError(f"fastopt cpp backend: state roles {missing} missing for {spec.short()}")
     sizes = tensor_lists.numels(params)
-    roles = [_Role("params", params, None), _Role("grads", grads, sizes, written=False)]
+    written = unscale_grads is not None
+    roles = [_Role("params", params, None), _Role("grads", grads, sizes, written=written)]
     roles.append(_Role("hvps", hvps, sizes, written=False) if hvps is not None else None)
     roles += [_Role(r, state[r], sizes) if r in state else None for r in _STATE_ROLES]
     roles.append(_Role("master", state["master"], sizes) if "master" in state else None)
@@ -182,6 +189,7 @@ def step(
         [r.ptrs if r is not None else None for r in roles],
         [r.code if r is not None else 0 for r in roles],
         _num_threads(),
+        None if unscale_grads is None else float(unscale_grads),
     )
     for r in roles:
         if r is not None and r.copies:

@@ -3,7 +3,8 @@
 The extension is optional (built by build_cuda.py where nvcc and a CUDA torch exist) and
 imported on first use. It reads the same device-side pointer and chunk table as the Triton
 backend and takes the same optional hooks in :func:`step` (``grad_scale_ptr``, ``found_inf``,
-``scalars_tensor``, ``stochastic_rounding``, ``seed``); see :mod:`fastopt.backends.triton_backend`.
+``scalars_tensor``, ``stochastic_rounding``, ``seed``, ``unscale_grads``); see
+:mod:`fastopt.backends.triton_backend`.
 
 Kernels exist for canonical switch codes only: maximize, the gradient scale and decoupled
 decay are folded into the scalars with exact arithmetic, and SUM and MEAN denominators
@@ -106,6 +107,7 @@ def step(
     scalars_tensor: torch.Tensor | None = None,
     stochastic_rounding: bool | None = None,
     seed: int | None = None,
+    unscale_grads: torch.Tensor | None = None,
 ) -> None:
     """One fused step; arguments as :func:`fastopt.backends.triton_backend.step`.
 
@@ -144,7 +146,11 @@ def step(
     master = state.get("master")
     if master is not None and (p_dtype == torch.float32 or master[0].dtype != torch.float32):
         raise ValueError("fastopt cuda: master weights are fp32 copies of fp16/bf16 params")
-    for t, what in ((grad_scale_ptr, "grad_scale_ptr"), (found_inf, "found_inf")):
+    for t, what in (
+        (grad_scale_ptr, "grad_scale_ptr"),
+        (found_inf, "found_inf"),
+        (unscale_grads, "unscale_grads"),
+    ):
         if t is not None and (t.dtype != torch.float32 or t.device != device):
             raise ValueError(f"fastopt cuda: {what} must be a float32 tensor on {device}")
     if scalars_tensor is not None and (
@@ -191,6 +197,7 @@ def step(
         device_scalars=scalars_tensor.data_ptr() if scalars_tensor is not None else 0,
         inv_scale=grad_scale_ptr.data_ptr() if grad_scale_ptr is not None else 0,
         found_inf=found_inf.data_ptr() if found_inf is not None else 0,
+        unscale=unscale_grads.data_ptr() if unscale_grads is not None else 0,
         maximize=spec.maximize,
         decoupled=spec.weight_decay == 1,
         seed=_rounding_key(seed) if sr else 0,

@@ -13,6 +13,10 @@ Hooks for the optimizer layer (all optional keyword arguments of :func:`step`):
 ``found_inf``
     a one-element device tensor; when it is nonzero the kernel modifies nothing. Neither
     tensor is read on the host, so an AMP step never synchronizes.
+``unscale_grads``
+    a one-element device tensor (the inverse loss scale): the kernel stores each gradient
+    back times it once it has read it, leaving ``p.grad`` unscaled as torch's fused
+    optimizers do, without a second pass over the gradients. They must not share memory.
 ``scalars_tensor``
     the step's scalars as a device tensor (:func:`scalars_tensor` builds one) instead of
     kernel arguments, so that the launch can be captured in a CUDA graph and replayed with
@@ -318,6 +322,7 @@ def step(
     scalars_tensor: torch.Tensor | None = None,
     stochastic_rounding: bool | None = None,
     seed: int | None = None,
+    unscale_grads: torch.Tensor | None = None,
 ) -> None:
     """One fused step of ``spec`` over a group (see :mod:`fastopt.backends` for the contract).
 
@@ -325,6 +330,8 @@ def step(
         grad_scale_ptr: optional one-element device tensor; grads are multiplied by it
             (the inverse AMP loss scale) in the kernel.
         found_inf: optional one-element device tensor; nonzero: nothing is modified.
+        unscale_grads: optional one-element device tensor; each gradient is written back
+            times it in the same pass (the gradients must not share memory).
         scalars_tensor: optional device tensor from :func:`scalars_tensor`; the kernel reads
             the step scalars from it instead of from ``scalars`` (CUDA-graph capture). The
             compile-time switches still come from ``spec`` and ``scalars``: keep
@@ -400,7 +407,7 @@ def step(
         return
     _launch(
         table, spec, scalars, len(arrays), slots, (p_dtype, g_dtype, s_dtype), sr, cfg,
-        grad_scale_ptr, found_inf, scalars_tensor, seed,
+        grad_scale_ptr, found_inf, scalars_tensor, seed, unscale_grads,
     )  # fmt: skip
 
 
@@ -417,6 +424,7 @@ def _launch(
     found_inf: torch.Tensor | None,
     scalars_tensor: torch.Tensor | None,
     seed: int | None = None,
+    unscale_grads: torch.Tensor | None = None,
 ) -> None:
     """Launch the step kernel over a table (anything with _Table's attributes: tests
     hand-build one to check int64 offsets without 8 GB tensors). ``seed``: see :func:`step`."""
@@ -447,6 +455,7 @@ def _launch(
         scalars_tensor if scalars_tensor is not None else dummy,
         grad_scale_ptr if grad_scale_ptr is not None else dummy,
         found_inf if found_inf is not None else dummy,
+        unscale_grads if unscale_grads is not None else dummy,
         table.n_chunks,
         table.n_packed,
         table.packed_elems,
@@ -469,6 +478,7 @@ def _launch(
         DYNAMIC_USE_DENOMINATOR=dynamic_use,
         HAS_INV_SCALE=grad_scale_ptr is not None,
         HAS_FOUND_INF=found_inf is not None,
+        UNSCALE_GRADS=unscale_grads is not None,
         **sw,
         CHUNK=cfg["chunk"],
         BLOCK=cfg["block"],

@@ -148,17 +148,18 @@ def _load(base, offs, mask, PRESENT: tl.constexpr, placeholder):
 def _block(
     offs, mask, t, scalars, seed,
     lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
-    v_decay, v_weight, v_scale, eps,
+    v_decay, v_weight, v_scale, eps, unscale,
     p_base, g_base, w_base, h_base, m_base, v_base, vmax_base, gavg_base, u_base,
     HAS_MASTER: tl.constexpr, HAS_H: tl.constexpr, HAS_M: tl.constexpr, HAS_V: tl.constexpr,
     HAS_VMAX: tl.constexpr, HAS_GAVG: tl.constexpr, HAS_U: tl.constexpr, SR: tl.constexpr,
-    DYNAMIC_USE_DENOMINATOR: tl.constexpr,
+    DYNAMIC_USE_DENOMINATOR: tl.constexpr, UNSCALE_GRADS: tl.constexpr,
     MOMENTUM: tl.constexpr, MOMENTUM_INPUT: tl.constexpr, DENOMINATOR: tl.constexpr,
     NORM: tl.constexpr, EPS_INSIDE: tl.constexpr, CENTERED: tl.constexpr, AMSGRAD: tl.constexpr,
     HVP: tl.constexpr, ADADELTA: tl.constexpr, USE_DENOMINATOR: tl.constexpr, HAS_L2: tl.constexpr,
     DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, SCALE_GRAD: tl.constexpr,
 ):  # fmt: skip
-    """Load, update and store the elements ``offs`` (``mask``: None for a full block)."""
+    """Load, update and store the elements ``offs`` (``mask``: None for a full block); with
+    UNSCALE_GRADS also store the gradient times ``unscale`` back (AMP's unscaled p.grad)."""
     p = tl.load(w_base + offs, mask=mask).to(tl.float32)
     g = tl.load(g_base + offs, mask=mask).to(tl.float32)
     # unused roles get a placeholder: the rule passes them through untouched
@@ -230,6 +231,8 @@ def _block(
         _store(gavg_base, offs, gavg, mask, r3, SR)
     if HAS_U:
         _store(u_base, offs, u, mask, r0, SR)
+    if UNSCALE_GRADS:
+        tl.store(g_base + offs, _round(g * unscale, g_base.dtype.element_ty), mask=mask)
 
 
 # The rule's switches and the layout flags, passed on unchanged by the helpers below.
@@ -237,11 +240,11 @@ def _block(
 def _tensor_block(
     offs, mask, t, ptrs, scalars, seed,
     lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
-    v_decay, v_weight, v_scale, eps,
+    v_decay, v_weight, v_scale, eps, unscale,
     NA: tl.constexpr, S_H: tl.constexpr, S_M: tl.constexpr, S_V: tl.constexpr, S_VMAX: tl.constexpr,
     S_GAVG: tl.constexpr, S_U: tl.constexpr, S_MASTER: tl.constexpr,
     DT_P: tl.constexpr, DT_G: tl.constexpr, DT_S: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr,
-    DYNAMIC_USE_DENOMINATOR: tl.constexpr,
+    DYNAMIC_USE_DENOMINATOR: tl.constexpr, UNSCALE_GRADS: tl.constexpr,
     MOMENTUM: tl.constexpr, MOMENTUM_INPUT: tl.constexpr, DENOMINATOR: tl.constexpr,
     NORM: tl.constexpr, EPS_INSIDE: tl.constexpr, CENTERED: tl.constexpr, AMSGRAD: tl.constexpr,
     HVP: tl.constexpr, ADADELTA: tl.constexpr, USE_DENOMINATOR: tl.constexpr, HAS_L2: tl.constexpr,
@@ -276,10 +279,10 @@ def _tensor_block(
     _block(
         offs, mask, t, scalars, seed,
         lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
-        v_decay, v_weight, v_scale, eps,
+        v_decay, v_weight, v_scale, eps, unscale,
         p_base, g_base, w_base, h_base, m_base, v_base, vmax_base, gavg_base, u_base,
         S_MASTER >= 0, S_H >= 0, S_M >= 0, S_V >= 0, S_VMAX >= 0, S_GAVG >= 0, S_U >= 0, SR,
-        DYNAMIC_USE_DENOMINATOR,
+        DYNAMIC_USE_DENOMINATOR, UNSCALE_GRADS,
         MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
         HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
     )  # fmt: skip
@@ -295,6 +298,7 @@ def step_kernel(
     scalars,  # device StepScalars (SCALAR_FIELDS order) when SCALARS_FROM_TENSOR
     inv_scale_ptr,  # device scalar multiplying the grads, when HAS_INV_SCALE
     found_inf_ptr,  # device flag: nonzero leaves everything untouched, when HAS_FOUND_INF
+    unscale_ptr,  # device scalar: each gradient is stored back times it, when UNSCALE_GRADS
     n_chunks,
     n_packed,
     packed_elems,
@@ -329,6 +333,7 @@ def step_kernel(
     DYNAMIC_USE_DENOMINATOR: tl.constexpr,  # RAdam's switch read from the scalars tensor
     HAS_INV_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    UNSCALE_GRADS: tl.constexpr,  # write p.grad back unscaled (AMP), in the same pass
     # the rule's switches
     MOMENTUM: tl.constexpr,
     MOMENTUM_INPUT: tl.constexpr,
@@ -371,6 +376,9 @@ def step_kernel(
         grad_scale = grad_scale * tl.load(inv_scale_ptr).to(tl.float32)
     if SCALARS_FROM_TENSOR:
         seed = tl.load(scalars + 13).to(tl.int64)
+    unscale = 1.0
+    if UNSCALE_GRADS:
+        unscale = tl.load(unscale_ptr).to(tl.float32)
 
     # (names differ between the two branches: Triton merges variables assigned in both)
     if c < n_chunks:
@@ -386,9 +394,9 @@ def step_kernel(
             _tensor_block(
                 start + i + tl.arange(0, BLOCK), None, t, ptrs, scalars, seed,
                 lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
-                v_decay, v_weight, v_scale, eps,
+                v_decay, v_weight, v_scale, eps, unscale,
                 NA, S_H, S_M, S_V, S_VMAX, S_GAVG, S_U, S_MASTER, DT_P, DT_G, DT_S, SR, ALIGNED,
-                DYNAMIC_USE_DENOMINATOR,
+                DYNAMIC_USE_DENOMINATOR, UNSCALE_GRADS,
                 MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
                 HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
             )  # fmt: skip
@@ -397,9 +405,9 @@ def step_kernel(
             _tensor_block(
                 offs, offs < stop, t, ptrs, scalars, seed,
                 lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
-                v_decay, v_weight, v_scale, eps,
+                v_decay, v_weight, v_scale, eps, unscale,
                 NA, S_H, S_M, S_V, S_VMAX, S_GAVG, S_U, S_MASTER, DT_P, DT_G, DT_S, SR, ALIGNED,
-                DYNAMIC_USE_DENOMINATOR,
+                DYNAMIC_USE_DENOMINATOR, UNSCALE_GRADS,
                 MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
                 HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
             )  # fmt: skip
@@ -423,9 +431,9 @@ def step_kernel(
         _tensor_block(
             e - tl.load(packed_offs + lo), mask, tp, ptrs, scalars, seed,
             lr, weight_decay, decay_factor, grad_scale, m_decay, m_weight, m_out, g_out,
-            v_decay, v_weight, v_scale, eps,
+            v_decay, v_weight, v_scale, eps, unscale,
             NA, S_H, S_M, S_V, S_VMAX, S_GAVG, S_U, S_MASTER, DT_P, DT_G, DT_S, SR, False,
-            DYNAMIC_USE_DENOMINATOR,
+            DYNAMIC_USE_DENOMINATOR, UNSCALE_GRADS,
             MOMENTUM, MOMENTUM_INPUT, DENOMINATOR, NORM, EPS_INSIDE, CENTERED, AMSGRAD,
             HVP, ADADELTA, USE_DENOMINATOR, HAS_L2, DECOUPLED, MAXIMIZE, SCALE_GRAD,
         )  # fmt: skip
