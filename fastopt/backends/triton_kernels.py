@@ -162,6 +162,9 @@ def _block(
     UNSCALE_GRADS also store the gradient times ``unscale`` back (AMP's unscaled p.grad)."""
     p = tl.load(w_base + offs, mask=mask).to(tl.float32)
     g = tl.load(g_base + offs, mask=mask).to(tl.float32)
+    if UNSCALE_GRADS:
+        # stored at once: the raw gradient need not stay live (in registers) through the rule
+        tl.store(g_base + offs, _round(g * unscale, g_base.dtype.element_ty), mask=mask)
     # unused roles get a placeholder: the rule passes them through untouched
     h = _load(h_base, offs, mask, HAS_H, g)
     m = _load(m_base, offs, mask, HAS_M, p)
@@ -231,8 +234,6 @@ def _block(
         _store(gavg_base, offs, gavg, mask, r3, SR)
     if HAS_U:
         _store(u_base, offs, u, mask, r0, SR)
-    if UNSCALE_GRADS:
-        tl.store(g_base + offs, _round(g * unscale, g_base.dtype.element_ty), mask=mask)
 
 
 # The rule's switches and the layout flags, passed on unchanged by the helpers below.
