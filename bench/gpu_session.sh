@@ -44,7 +44,9 @@ tests)
     ;;
 bench)
     # the sets and experiments that fit one call (the 1B set and the layout experiment:
-    # python3 -m bench.gpu_throughput --sets gpt2-1B --experiments layout)
+    # python3 -m bench.gpu_throughput --sets gpt2-1B --experiments layout; the AMP step with
+    # p.grad written back, against torch fused under the same lent scale:
+    # python3 -m bench.gpu_throughput --sets 64M,1000x64k --optimizers adam,adam_amp)
     timeout 520 python3 -m bench.gpu_throughput --out bench/results \
         --sets 64M,1000x64k,resnet50,gpt2-small --experiments tiny 2>&1 | tee "$out/bench.log"
     cp bench/results/throughput_cuda_* "$out/" 2>/dev/null || true

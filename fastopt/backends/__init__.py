@@ -22,6 +22,12 @@ A backend is a module-level object with:
     "master" (fp32 copies of low-precision params), the rule reads and writes the master
     as p and the param receives the master rounded to its own dtype.
 
+    Optional keywords: the cpp, triton and cuda backends take ``unscale_grads`` (a float
+    for cpp, a one-element device tensor for the others), a factor each gradient is written
+    back times once the step has read it: a GradScaler's unscaled ``p.grad`` without a
+    second pass. The gradients must then not share memory. triton and cuda also take the
+    device hooks described in :mod:`fastopt.backends.triton_backend`.
+
 Backends are looked up by name through :func:`get`; "auto" picks the fastest one that
 supports the group (:func:`choose`).
 """
