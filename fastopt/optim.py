@@ -765,13 +765,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         amp_scale = getattr(self, "grad_scale", None)
         if amp_scale is None:
             return []
+        if any(distributed.is_dtensor(plan.params[0]) for plan in plans):
+            return plans  # (shards: their addresses are the local tensors', per rank)
         hooked = inv_scale is not None
         fusing = [
             plan
             for plan in plans
             if (plan.backend.name in _DEVICE_HOOK_BACKENDS) == hooked
             and (hooked or plan.backend.name == "cpp")
-            and not distributed.is_dtensor(plan.params[0])  # (shards: addresses are per rank)
         ]
         if not fusing:
             return plans
