@@ -113,6 +113,23 @@ def test_the_step_itself_leaves_the_gradients_unscaled(backend, monkeypatch):
         torch.testing.assert_close(pa, pb, rtol=2e-5, atol=2e-6)  # fp32: a few ulps, one step
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_params_at_different_step_counts_are_each_unscaled_once(backend):
+    """A group whose params have taken different numbers of steps is stepped bucket by
+    bucket: each bucket writes back (or unscales apart) its own gradients, once."""
+    with _backend_env(backend):
+        p1, p2 = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(7))
+        opt = fastopt.Adam([p1, p2], backend=backend)
+        p1.grad = torch.ones(5)
+        opt.step()  # p1 alone: its step count is now one ahead of p2's
+        grads = [torch.linspace(-3.0, 3.0, 5), torch.linspace(1.0, 2.0, 7)]
+        p1.grad, p2.grad = (g * 8.0 for g in grads)
+        opt.grad_scale, opt.found_inf = torch.full((), 8.0), torch.zeros(())
+        opt.step()
+    assert [float(opt.state[p]["step"]) for p in (p1, p2)] == [2.0, 1.0]
+    assert torch.equal(p1.grad, grads[0]) and torch.equal(p2.grad, grads[1])
+
+
 def _shared_gradient_run(make_opt, aliasing: str, backend: str) -> list[torch.Tensor]:
     """Three GradScaler steps of two params whose loss gives both the same gradient. With
     ``aliasing`` their gradients share memory: one tensor ("same"), or overlapping views of
