@@ -54,7 +54,8 @@ void step(uint32_t code, int device, uintptr_t stream, uintptr_t ptrs, uintptr_t
                                    address<const int64_t>(chunks), n_chunks, na, slots.data(), dtypes.data(),
                                    aligned ? 1 : 0, chunk, scalars.data(), address<const double>(device_scalars),
                                    address<const float>(inv_scale), address<const float>(found_inf),
-                                   address<const float>(unscale), maximize ? 1 : 0, decoupled ? 1 : 0, seed, address<void>(stream)));
+                                   address<const float>(unscale), maximize ? 1 : 0, decoupled ? 1 : 0, seed,
+                                   address<void>(stream)));
 }
 
 void global_norm(int device, uintptr_t stream, uintptr_t ptrs, uintptr_t sizes, uintptr_t chunks, int64_t n_chunks,
