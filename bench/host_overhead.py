@@ -9,6 +9,9 @@ launch replaced by nothing. Providers, side by side in interleaved rounds:
 * ``fastopt-triton-host``: that GPU host path, with the C++ passes of ``fastopt._host``;
 * ``fastopt-triton-host-python``: the same with the passes in Python (where ``_host`` is
   not built);
+* ``fastopt-triton-host-new-table``: the C++ path when the gradients are at new addresses
+  (zero_grad(set_to_none=True), then a backward whose allocations land elsewhere), so that
+  the step builds and checks a new pointer table rather than reuse a cached one;
 * ``fastopt-cpp``, ``torch-fused``, ``torch-foreach``: whole CPU steps of Adam on 8-element
   params, host-bound too, for scale.
 
@@ -95,8 +98,15 @@ def providers(n: int) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
             finally:
                 tensor_lists._host = native
 
+        def new_table_step(opt: torch.optim.Optimizer = opt) -> None:
+            from fastopt.backends import triton_backend
+
+            triton_backend.clear_cache()  # as if every gradient had moved
+            opt.step()
+
         if native is not None:
             steps["fastopt-triton-host"] = opt.step
+            steps["fastopt-triton-host-new-table"] = new_table_step
         else:
             notes["fastopt-triton-host"] = "unavailable: fastopt._host is not built"
         steps["fastopt-triton-host-python"] = python_step
@@ -156,14 +166,14 @@ def run(counts: list[int], rounds: int) -> list[dict[str, Any]]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'params':>7}  {'provider':<28}{'us/step':>10}{'ns/param':>10}{'x torch fused':>15}")
+    print(f"{'params':>7}  {'provider':<32}{'us/step':>10}{'ns/param':>10}{'x torch fused':>15}")
     for r in rows:
         if r["us_per_step"] is None:
-            print(f"{r['params']:>7}  {r['provider']:<28}{r['note']}")
+            print(f"{r['params']:>7}  {r['provider']:<32}{r['note']}")
         else:
             ratio = "" if r["vs_torch_fused"] is None else f"{r['vs_torch_fused']:.2f}"
             print(
-                f"{r['params']:>7}  {r['provider']:<28}{r['us_per_step']:>10.1f}{r['ns_per_param']:>10.1f}{ratio:>15}"
+                f"{r['params']:>7}  {r['provider']:<32}{r['us_per_step']:>10.1f}{r['ns_per_param']:>10.1f}{ratio:>15}"
             )
 
 

@@ -109,6 +109,20 @@ PyObject* one_device(PyObject*, PyObject* list) {
   Py_RETURN_TRUE;
 }
 
+PyObject* one_dtype(PyObject*, PyObject* list) {
+  if (!plain_tensors(list, "the argument")) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(list);
+  if (n == 0) Py_RETURN_TRUE;
+  const caffe2::TypeMeta dtype = tensor_at(list, 0).dtype();
+  for (Py_ssize_t i = 1; i < n; ++i) {
+    if (tensor_at(list, i).dtype() != dtype) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+}
+
 PyObject* all_contiguous(PyObject*, PyObject* list) {
   if (!plain_tensors(list, "the argument")) {
     if (PyErr_Occurred()) return nullptr;
@@ -157,6 +171,7 @@ PyMethodDef methods[] = {
     {"grads", grads, METH_O, "Each param's .grad, or None if one has none (or is not a plain tensor)."},
     {"all_plain", all_plain, METH_O, "Whether every item is a torch.Tensor or Parameter (no subclass)."},
     {"one_device", one_device, METH_O, "Whether every tensor is on the first one's device (None: ask Python)."},
+    {"one_dtype", one_dtype, METH_O, "Whether every tensor has the first one's dtype (None: ask Python)."},
     {"all_contiguous", all_contiguous, METH_O, "Whether every tensor is contiguous (None: ask Python)."},
     {"first_mismatch", first_mismatch, METH_VARARGS,
      "first_mismatch(tensors, like): the first index whose tensor is not strided with like's dtype,\n"

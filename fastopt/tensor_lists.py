@@ -90,6 +90,15 @@ def one_device(tensors: list[torch.Tensor]) -> bool:
     return len(set(map(_device, tensors))) <= 1
 
 
+def one_dtype(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor has the dtype of the first."""
+    if _host is not None:
+        answer = _host.one_dtype(tensors)
+        if answer is not None:
+            return answer
+    return len(set(map(_dtype, tensors))) <= 1
+
+
 def all_contiguous(tensors: list[torch.Tensor]) -> bool:
     """Whether every tensor is contiguous."""
     if _host is not None:

@@ -242,6 +242,7 @@ def test_host_overhead_benchmark_writes_every_provider(tmp_path, capsys):
         "torch-foreach",
         "fastopt-triton-host",
         "fastopt-triton-host-python",
+        "fastopt-triton-host-new-table",
     }
     assert measured == {(n, name) for n in (30, 70) for name in expected}
     assert all(float(r["us_per_step"]) > 0 for r in rows)

@@ -86,6 +86,13 @@ def test_all_like_finds_each_kind_of_mismatch(lists):
     assert not lists.all_like(grads[:2], params)  # one missing
 
 
+def test_one_dtype(lists):
+    assert lists.one_dtype([]) and lists.one_dtype([torch.zeros(2), torch.nn.Parameter(torch.ones(3))])
+    assert not lists.one_dtype([torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)])
+    tagged = torch.zeros(2, dtype=torch.float16).as_subclass(Tagged)
+    assert not lists.one_dtype([torch.zeros(2), tagged]) and lists.one_dtype([tagged, tagged])
+
+
 def test_disjoint_finds_any_shared_byte(lists):
     """Separate tensors and back-to-back views share nothing; the same tensor twice, a view
     overlapping another by one element, or lists of other dtypes overlapping do; empty

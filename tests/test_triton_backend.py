@@ -478,6 +478,32 @@ def test_scalars_tensor_equals_host_scalars(tb, device, case):
 # ---- multi-tensor layout -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("passes", ["native", "python"])
+def test_table_refuses_tensors_that_do_not_line_up(tb, monkeypatch, passes):
+    """A new table checks its tensors in whole-list passes (C++ where fastopt._host is
+    built, else Python): each refusal names what is wrong."""
+    from fastopt import tensor_lists
+
+    if passes == "python":
+        monkeypatch.setattr(tensor_lists, "_host", None)
+    params = [torch.zeros(5), torch.zeros(3)]
+
+    def table(*others):
+        return tb.pointer_table([params, *others], ["param", "grad"][: 1 + len(others)], 128, "cpu")
+
+    assert table([torch.ones(5), torch.ones(3)]).sizes.tolist() == [5, 3]
+    with pytest.raises(ValueError, match="one tensor per param"):
+        table([torch.ones(5)])
+    with pytest.raises(ValueError, match="one dtype"):
+        table([torch.ones(5), torch.ones(3, dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match="contiguous"):
+        table([torch.ones(5), torch.ones(6)[::2]])
+    with pytest.raises(ValueError, match="size and device"):
+        table([torch.ones(5), torch.ones(4)])
+    with pytest.raises(ValueError, match="size and device"):
+        table([torch.ones(5), torch.ones(3, device="meta")])
+
+
 def test_table_is_cached_and_coalesces_flat_buffers(tb):
     flat = [torch.randn(1000) for _ in range(2)]
     views = [[f[0:10], f[10:10], f[10:11], f[11:500], f[500:]] for f in flat]  # back to back

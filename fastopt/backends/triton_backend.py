@@ -196,18 +196,19 @@ _TABLES: OrderedDict[tuple, _Table] = OrderedDict()
 _MAX_TABLES = 64
 
 
-def _validate(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
-    """Checks done once per new table rather than every step."""
+def _validate(arrays: list[list[torch.Tensor]], names: list[str], sizes: np.ndarray) -> None:
+    """Checks done once per new table rather than every step. A step whose gradients are new
+    tensors at new addresses (zero_grad(set_to_none=True), then backward) builds a new
+    table: whole-list passes, no interpreter work per tensor."""
     params = arrays[0]
-    for ts, what in zip(arrays, names, strict=True):
-        if len(ts) != len(params):
-            raise ValueError(f"fastopt triton: {len(ts)} {what} tensors for {len(params)} params")
+    device = params[0].device
+    for ts, what in zip(arrays, names, strict=True):  # (one tensor per param: checked by the caller)
         _one_dtype(ts, what)
-        for t, p in zip(ts, params, strict=True):
-            if not t.is_contiguous():
-                raise ValueError(f"fastopt triton: {what} tensors must be contiguous")
-            if t.numel() != p.numel() or t.device != p.device:
-                raise ValueError(f"fastopt triton: each {what} tensor must match its param's size and device")
+        if not tensor_lists.all_contiguous(ts):
+            raise ValueError(f"fastopt triton: {what} tensors must be contiguous")
+        same_device = ts[0].device == device and tensor_lists.one_device(ts)
+        if not same_device or not np.array_equal(tensor_lists.numels(ts), sizes):
+            raise ValueError(f"fastopt triton: each {what} tensor must match its param's size and device")
 
 
 def pointer_table(
@@ -233,7 +234,7 @@ def pointer_table(
     )
     table = _TABLES.get(key)
     if table is None:
-        _validate(arrays, names)
+        _validate(arrays, names, sizes)
         table = _TABLES[key] = _Table(ptrs, sizes, esizes, chunk, pack_below, device)
         if len(_TABLES) > _MAX_TABLES:
             _TABLES.popitem(last=False)
@@ -256,7 +257,7 @@ def _tl(dtype: torch.dtype) -> Any:
 
 def _one_dtype(ts: list[torch.Tensor], what: str) -> torch.dtype:
     dtype = ts[0].dtype
-    if any(t.dtype != dtype for t in ts):
+    if not tensor_lists.one_dtype(ts):
         raise ValueError(f"fastopt triton: all {what} tensors of a group must have one dtype")
     return dtype
 
