@@ -95,32 +95,28 @@ PyObject* all_plain(PyObject*, PyObject* list) {
   Py_RETURN_FALSE;
 }
 
-PyObject* one_device(PyObject*, PyObject* list) {
+// Whether key(tensor) is the same for every tensor of the list; None where one is not plain.
+template <typename Key>
+PyObject* all_same(PyObject* list, Key key) {
   if (!plain_tensors(list, "the argument")) {
     if (PyErr_Occurred()) return nullptr;
     Py_RETURN_NONE;
   }
   const Py_ssize_t n = PyList_GET_SIZE(list);
   if (n == 0) Py_RETURN_TRUE;
-  const c10::Device device = tensor_at(list, 0).device();
+  const auto first = key(tensor_at(list, 0));
   for (Py_ssize_t i = 1; i < n; ++i) {
-    if (tensor_at(list, i).device() != device) Py_RETURN_FALSE;
+    if (key(tensor_at(list, i)) != first) Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;
 }
 
+PyObject* one_device(PyObject*, PyObject* list) {
+  return all_same(list, [](const at::Tensor& t) { return t.device(); });
+}
+
 PyObject* one_dtype(PyObject*, PyObject* list) {
-  if (!plain_tensors(list, "the argument")) {
-    if (PyErr_Occurred()) return nullptr;
-    Py_RETURN_NONE;
-  }
-  const Py_ssize_t n = PyList_GET_SIZE(list);
-  if (n == 0) Py_RETURN_TRUE;
-  const caffe2::TypeMeta dtype = tensor_at(list, 0).dtype();
-  for (Py_ssize_t i = 1; i < n; ++i) {
-    if (tensor_at(list, i).dtype() != dtype) Py_RETURN_FALSE;
-  }
-  Py_RETURN_TRUE;
+  return all_same(list, [](const at::Tensor& t) { return t.dtype(); });
 }
 
 PyObject* all_contiguous(PyObject*, PyObject* list) {

@@ -81,22 +81,23 @@ def all_plain(lists: list[list[torch.Tensor]]) -> bool | None:
     return all(map(_host.all_plain, lists))
 
 
-def one_device(tensors: list[torch.Tensor]) -> bool:
-    """Whether every tensor is on the device of the first."""
+def _all_same(name: str, key: Any, tensors: list[torch.Tensor]) -> bool:
+    """Whether ``key`` is the same for every tensor: ``_host.<name>`` where it answers."""
     if _host is not None:
-        answer = _host.one_device(tensors)
+        answer = getattr(_host, name)(tensors)
         if answer is not None:
             return answer
-    return len(set(map(_device, tensors))) <= 1
+    return len(set(map(key, tensors))) <= 1
+
+
+def one_device(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor is on the device of the first."""
+    return _all_same("one_device", _device, tensors)
 
 
 def one_dtype(tensors: list[torch.Tensor]) -> bool:
     """Whether every tensor has the dtype of the first."""
-    if _host is not None:
-        answer = _host.one_dtype(tensors)
-        if answer is not None:
-            return answer
-    return len(set(map(_dtype, tensors))) <= 1
+    return _all_same("one_dtype", _dtype, tensors)
 
 
 def all_contiguous(tensors: list[torch.Tensor]) -> bool:
