@@ -12,7 +12,10 @@ Use from setup.py::
 or stand-alone, building ``fastopt/_cuda*.so`` in place: ``python build_cuda.py``.
 ``python build_cuda.py --out DIR --without-cuda-torch`` builds it into DIR even beside a
 CPU torch (the module needs no torch): how CI checks, without a GPU, that it links and
-loads.
+loads. ``python build_cuda.py --out DIR --emulate`` builds the same sources with the host
+C++ compiler against csrc/cuda_emulation.h instead (no nvcc needed): a module whose kernels
+run on CPU tensors (``fastopt._cuda_emulated``), which the tests use to check the kernels
+where no GPU is present.
 
 Environment: ``FASTOPT_CUDA_ARCH`` ("90", "80;90", ...; default: the GPUs nvidia-smi lists,
 else 80 and 90), ``FASTOPT_CUDA_JOBS`` (parallel nvcc processes), ``FASTOPT_NO_CUDA=1``
@@ -123,16 +126,35 @@ def _jobs() -> int:
     return max(1, int(os.environ.get("FASTOPT_CUDA_JOBS", 0)) or min(os.cpu_count() or 1, 16))
 
 
-def compile_cu(build_dir: Path, shards: int | None = None) -> list[Path]:
+# The host build of the .cu sources (--emulate): C++20 for <barrier>; the kernels' vector
+# accesses reinterpret float arrays as float4, which host C++ allows only without strict
+# aliasing.
+EMULATION_FLAGS = ["-x", "c++", "-std=c++20", "-O2", "-fPIC", "-fno-strict-aliasing", "-pthread"]
+EMULATION_MACRO = "FASTOPT_CUDA_EMULATION"
+
+
+def compile_cu(build_dir: Path, shards: int | None = None, emulate: bool = False) -> list[Path]:
     """Compile every .cu source into objects under build_dir; the kernels of a source are
-    split into shards (preprocessor FASTOPT_SHARD) compiled in parallel."""
-    home = cuda_home()
-    if home is None:
-        raise RuntimeError("no CUDA toolkit (nvcc) found")
-    nvcc = str(home / "bin" / "nvcc")
+    split into shards (preprocessor FASTOPT_SHARD) compiled in parallel. ``emulate``: with
+    the host C++ compiler ($CXX, else c++) for CPU emulation instead of nvcc."""
+    include = f"-I{ROOT / 'csrc'}"
+    if emulate:
+        base = [os.environ.get("CXX", "c++"), *EMULATION_FLAGS, f"-D{EMULATION_MACRO}", include]
+    else:
+        home = cuda_home()
+        if home is None:
+            raise RuntimeError("no CUDA toolkit (nvcc) found")
+        base = [
+            str(home / "bin" / "nvcc"),
+            "-O3",
+            "-std=c++17",
+            "-Xcompiler",
+            "-fPIC",
+            include,
+            *arch_flags(),
+        ]
     shards = shards or _jobs()
     build_dir.mkdir(parents=True, exist_ok=True)
-    base = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", f"-I{ROOT / 'csrc'}", *arch_flags()]
     jobs = []
     for src in CU_SOURCES:
         for k in range(shards):
@@ -152,7 +174,7 @@ def compile_cu(build_dir: Path, shards: int | None = None) -> list[Path]:
         cmd, obj = job
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{done.stdout}\n{done.stderr}")
+            raise RuntimeError(f"{cmd[0]} failed ({' '.join(cmd)}):\n{done.stdout}\n{done.stderr}")
         return obj
 
     with ThreadPoolExecutor(max_workers=_jobs()) as pool:
@@ -181,15 +203,37 @@ def cuda_extensions(need_cuda_torch: bool = True) -> list[Extension]:
     return [ext]
 
 
+def emulation_extension() -> Extension:
+    """fastopt._cuda built for CPU emulation (csrc/cuda_emulation.h), as a test build named
+    fastopt._cuda_emulated."""
+    import pybind11
+
+    ext = Extension(
+        "fastopt._cuda_emulated",
+        sources=["csrc/cuda_bindings.cpp"],
+        include_dirs=[pybind11.get_include(), "csrc"],
+        define_macros=[(EMULATION_MACRO, "1")],
+        libraries=["pthread"],
+        extra_compile_args=["-O2", "-std=c++17"],
+        depends=CU_SOURCES + HEADERS + ["csrc/cuda_emulation.h"],
+        language="c++",
+    )
+    ext.cuda_sources = list(CU_SOURCES)
+    ext.emulate = True
+    return ext
+
+
 def with_cuda(build_ext_class: type) -> type:
     """A subclass of a setuptools build_ext that first compiles an extension's .cu sources
-    with nvcc and links the objects in."""
+    (with nvcc, or the host compiler for an emulation build) and links the objects in."""
 
     class BuildExtWithCuda(build_ext_class):
         def build_extension(self, ext: Extension) -> None:
             cu = getattr(ext, "cuda_sources", None)
             if cu:
-                objects = compile_cu(Path(self.build_temp).resolve() / "cuda")
+                emulate = getattr(ext, "emulate", False)
+                where = Path(self.build_temp).resolve() / ("cuda-emulated" if emulate else "cuda")
+                objects = compile_cu(where, emulate=emulate)
                 ext.extra_objects = [*(ext.extra_objects or []), *map(str, objects)]
             super().build_extension(ext)
 
@@ -197,7 +241,8 @@ def with_cuda(build_ext_class: type) -> type:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build fastopt/_cuda in place (python build_cuda.py [--out DIR] [--without-cuda-torch])."""
+    """Build fastopt/_cuda in place (python build_cuda.py [--out DIR] [--without-cuda-torch]
+    [--emulate])."""
     import argparse
 
     from setuptools import setup
@@ -208,8 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--without-cuda-torch", action="store_true", help="build even where torch is a CPU build"
     )
+    parser.add_argument(
+        "--emulate", action="store_true", help="a test build whose kernels run on the CPU (needs --out)"
+    )
     args = parser.parse_args(argv)
     out = None if args.out is None else args.out.resolve()  # (relative to the caller's directory)
+    if args.emulate:
+        if out is None:
+            parser.error("--emulate needs --out: an emulation build must not replace the real module")
+        os.chdir(ROOT)
+        setup(
+            name="fastopt-cuda-emulated",
+            ext_modules=[emulation_extension()],
+            cmdclass={"build_ext": with_cuda(build_ext)},
+            script_args=["build_ext", "--build-lib", str(out), "--build-temp", str(out / "temp")],
+        )
+        print("built fastopt._cuda_emulated (fastopt._cuda for CPU emulation)")
+        return 0
     need_cuda_torch = not args.without_cuda_torch
     reason = why_not_built(need_cuda_torch)
     if reason is not None:

@@ -75,7 +75,12 @@ std::vector<uint32_t> kernel_codes() {
 
 }  // namespace
 
+#if defined(FASTOPT_CUDA_EMULATION)
+// its own name: pybind11 hands back a module already made under the same name
+PYBIND11_MODULE(_cuda_emulated, mod) {
+#else
 PYBIND11_MODULE(_cuda, mod) {
+#endif
   mod.doc() = "fastopt's CUDA C++ backend: fused multi-tensor optimizer steps (see fastopt.backends.cuda_backend)";
   mod.def("step", &step, py::arg("code"), py::arg("device"), py::arg("stream"), py::arg("ptrs"), py::arg("sizes"),
           py::arg("chunks"), py::arg("n_chunks"), py::arg("na"), py::arg("slots"), py::arg("dtypes"),
@@ -111,4 +116,9 @@ PYBIND11_MODULE(_cuda, mod) {
   shifts["MAXIMIZE"] = static_cast<int>(fastopt::SHIFT_MAXIMIZE);
   shifts["SCALE_GRAD"] = static_cast<int>(fastopt::SHIFT_SCALE_GRAD);
   mod.attr("SWITCH_SHIFTS") = shifts;
+#if defined(FASTOPT_CUDA_EMULATION)
+  mod.attr("EMULATED") = true;  // kernels run on the CPU (csrc/cuda_emulation.h): a test build
+#else
+  mod.attr("EMULATED") = false;
+#endif
 }

@@ -18,7 +18,15 @@
 // first line, g * s + p * wd, itself and runs the rule with a scale of 1 (exact) and no L2.
 // Storage dtypes are run-time values too: a warp-uniform branch per access costs nothing next
 // to the memory traffic. That leaves under two hundred kernels.
+#if defined(FASTOPT_CUDA_EMULATION)
+#include "cuda_emulation.h"  // the CPU stand-ins of a test build (see that header)
+#else
 #include <cuda_runtime.h>
+// A kernel launch; _SYNCED marks kernels whose threads synchronize (the emulation runs
+// those threads concurrently, the others one after another).
+#define FASTOPT_LAUNCH(kernel, blocks, threads, stream) kernel<<<blocks, threads, 0, stream>>>
+#define FASTOPT_LAUNCH_SYNCED(kernel, blocks, threads, stream) kernel<<<blocks, threads, 0, stream>>>
+#endif
 
 #include <cstdint>
 #include <utility>
@@ -486,7 +494,7 @@ const char* launch_step(uint32_t code, const int64_t* ptrs, const int64_t* sizes
   a.seed = seed;
   const KernelFn fn = detail::g_kernels[at];
   if (fn == nullptr) return "a CUDA kernel shard is missing from this build";
-  fn<<<static_cast<unsigned>(n_chunks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  FASTOPT_LAUNCH(fn, static_cast<unsigned>(n_chunks), kThreads, static_cast<cudaStream_t>(stream))(a);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -497,7 +505,7 @@ const char* launch_global_norm(const int64_t* ptrs, const int64_t* sizes, const 
   if (n_chunks <= 0) return nullptr;
   if (n_chunks > 0x7fffffffLL) return "too many chunks for one launch";
   const NormArgs a{ptrs, sizes, chunks, n_chunks, chunk, dtype, partials, counter, out};
-  sumsq_kernel<<<static_cast<unsigned>(n_chunks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  FASTOPT_LAUNCH_SYNCED(sumsq_kernel, static_cast<unsigned>(n_chunks), kThreads, static_cast<cudaStream_t>(stream))(a);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

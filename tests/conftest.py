@@ -59,3 +59,41 @@ def triton_device(request):
 
     with triton_interpreter():
         yield torch.device("cpu")
+
+
+@pytest.fixture(
+    params=[
+        "triton-interpreted",
+        "cuda-emulated",
+        pytest.param("triton", marks=pytest.mark.gpu),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ]
+)
+def device_hooks(request):
+    """(device, backend) of a test of the backends with device hooks (found_inf and the
+    loss scale read on the device, capturable scalars) through the optimizer: on a GPU the
+    compiled Triton and CUDA C++ kernels; without one, Triton's interpreter and the CUDA C++
+    kernels built for CPU emulation, on CPU tensors (how CI runs them)."""
+    import importlib.util
+
+    from fastopt import backends
+
+    backend = request.param.split("-")[0]
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if request.param in ("triton", "cuda"):
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        reason = backends.unavailable_reason(backend)
+        if reason is not None:
+            pytest.skip(f"{backend}: {reason}")
+        yield torch.device("cuda"), backend
+        return
+    if torch.cuda.is_available():
+        pytest.skip("interpreted and emulated cases run where no GPU is present (CI)")
+    if backend == "triton":
+        from test_reliability_hostile import triton_interpreter as env
+    else:
+        from cuda_emulation import cuda_emulation as env
+    with env():
+        yield torch.device("cpu"), backend

@@ -19,7 +19,8 @@ import contextlib
 
 import pytest
 import torch
-from helpers import HAS_CUDA, KERNEL_TOL, needs_triton, small_grads, small_params
+from cuda_emulation import cuda_emulation
+from helpers import HAS_CUDA, HAS_TRITON, KERNEL_TOL, small_grads, small_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_reliability_hostile import triton_interpreter
@@ -27,14 +28,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopt
 
-pytestmark = needs_triton
 TOL = KERNEL_TOL
 
 
 @pytest.fixture
-def device(triton_device):
-    """CUDA, or the CPU under Triton's interpreter (tests/conftest.py)."""
-    return triton_device
+def device(device_hooks):
+    """CUDA, or the CPU under Triton's interpreter or the CUDA C++ emulation (tests/conftest.py)."""
+    return device_hooks[0]
+
+
+@pytest.fixture
+def backend(device_hooks):
+    """triton or cuda: the backend stepped on ``device``."""
+    return device_hooks[1]
 
 
 def _run(cls, backend, device, flags, scale=1024.0, **kw):
@@ -67,11 +73,11 @@ class _NoScalarReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("cls", [fastopt.Adam, fastopt.NAdam, fastopt.RAdam], ids=lambda c: c.__name__)
-def test_skipped_steps_match_the_host_path(device, cls):
+def test_skipped_steps_match_the_host_path(device, backend, cls):
     """found_inf set on the second and third steps: params, state and step counts equal the
     torch backend's, which reads found_inf on the host and skips outright."""
     flags = [0, 1, 1, 0, 0, 1, 0]
-    ours, opt = _run(cls, "triton", device, flags, lr=1e-2)
+    ours, opt = _run(cls, backend, device, flags, lr=1e-2)
     theirs, ref = _run(cls, "torch", device, flags, lr=1e-2)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **TOL)
@@ -92,11 +98,11 @@ def test_skipped_steps_match_the_host_path(device, cls):
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_step_reads_nothing_on_the_host(device):
+def test_step_reads_nothing_on_the_host(device, backend):
     """No value is read on the host during a step with a GradScaler's tensors and clipping;
     the next step reads the previous found_inf once, from its host copy."""
     params = small_params(device)
-    opt = fastopt.AdamW(params, lr=1e-2, backend="triton", max_grad_norm=0.5)
+    opt = fastopt.AdamW(params, lr=1e-2, backend=backend, max_grad_norm=0.5)
     for step in range(3):
         for p, g in zip(params, small_grads(step, device, 8.0)):
             p.grad = g
@@ -118,11 +124,11 @@ def test_step_reads_nothing_on_the_host(device):
 
 
 @pytest.mark.parametrize("scale", [None, 64.0])
-def test_device_clipping_matches_clip_grad_norm(device, scale):
+def test_device_clipping_matches_clip_grad_norm(device, backend, scale):
     """max_grad_norm on the device path equals clip_grad_norm_ (on the unscaled gradients)
     followed by the unclipped torch.optim.Adam."""
     ours, theirs = small_params(device), small_params(device)
-    opt = fastopt.Adam(ours, lr=1e-2, backend="triton", max_grad_norm=0.3)
+    opt = fastopt.Adam(ours, lr=1e-2, backend=backend, max_grad_norm=0.3)
     ref = torch.optim.Adam(theirs, lr=1e-2)
     for step in range(4):
         grads = small_grads(step, device)
@@ -141,11 +147,11 @@ def test_device_clipping_matches_clip_grad_norm(device, scale):
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_non_finite_norm_poisons_like_clip_grad_norm(device):
+def test_non_finite_norm_poisons_like_clip_grad_norm(device, backend):
     """An inf gradient without a scaler: clip_grad_norm_ multiplies by max/(inf) = 0 and
     the inf itself stays: the params become nan where torch's do."""
     ours, theirs = small_params(device), small_params(device)
-    opt = fastopt.SGD(ours, lr=0.1, backend="triton", max_grad_norm=1.0)
+    opt = fastopt.SGD(ours, lr=0.1, backend=backend, max_grad_norm=1.0)
     ref = torch.optim.SGD(theirs, lr=0.1)
     for p, q, g in zip(ours, theirs, small_grads(0, device)):
         g[0] = float("inf")
@@ -158,14 +164,14 @@ def test_non_finite_norm_poisons_like_clip_grad_norm(device):
         torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), **TOL)
 
 
-def test_grad_scaler_end_to_end(device):
+def test_grad_scaler_end_to_end(device, backend):
     """torch.amp.GradScaler drives the device path unchanged: an overflow is skipped, the
     scale backs off, and the run matches torch.optim.Adam under its own scaler."""
     torch.manual_seed(0)
     ours = torch.nn.Linear(6, 3).to(device)
     theirs = torch.nn.Linear(6, 3).to(device)
     theirs.load_state_dict(ours.state_dict())
-    opt = fastopt.Adam(ours.parameters(), lr=1e-2, backend="triton")
+    opt = fastopt.Adam(ours.parameters(), lr=1e-2, backend=backend)
     ref = torch.optim.Adam(theirs.parameters(), lr=1e-2)
     scalers = [torch.amp.GradScaler(device.type, init_scale=2.0**10) for _ in range(2)]
     gen = torch.Generator().manual_seed(3)
@@ -184,12 +190,12 @@ def test_grad_scaler_end_to_end(device):
     assert int(opt.state_dict()["state"][0]["step"]) == 4
 
 
-def test_bf16_state_resumes_bit_identically(device, tmp_path):
+def test_bf16_state_resumes_bit_identically(device, backend, tmp_path):
     """Stochastically rounded bf16 state draws its rounding from (step, group): a run saved
     at step 3 and resumed in a fresh optimizer equals the uninterrupted run bit for bit."""
 
     def make(params):
-        return fastopt.Adam(params, lr=1e-2, backend="triton", state_dtype=torch.bfloat16)
+        return fastopt.Adam(params, lr=1e-2, backend=backend, state_dtype=torch.bfloat16)
 
     def run(params, opt, steps):
         for step in steps:
@@ -259,18 +265,30 @@ def test_random_scaler_sequences_match_the_host_path(flags, cls, log2_scale, cli
     """Random sequences of skipped and taken steps, loss scales, clipping and capturable:
     the device path equals the torch backend, which reads everything on the host, the
     gradients left in p.grad included."""
-    if HAS_CUDA:
-        env, device = contextlib.nullcontext(), torch.device("cuda")
-    else:
-        env, device = triton_interpreter(), torch.device("cpu")
     kw = dict(lr=1e-2, max_grad_norm=clip)
-    with env:
-        ours, opt = _run(cls, "triton", device, flags, 2.0**log2_scale, capturable=capturable, **kw)
-    theirs, ref = _run(cls, "torch", device, flags, 2.0**log2_scale, **kw)
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, **TOL)
-        # the last step's gradient: unscaled (not clipped) by the kernel or apart, or as it
-        # was if skipped; power-of-two scales make the unscaling exact on both sides
-        assert torch.equal(p.grad, q.grad)
-        # (a first step skipped on the host creates no state; on the device it creates zeros)
-        assert float(opt.state[p]["step"]) == float(ref.state[q].get("step", 0)) == flags.count(0)
+    for env, device, backend in _hook_targets():
+        with env:
+            ours, opt = _run(cls, backend, device, flags, 2.0**log2_scale, capturable=capturable, **kw)
+        theirs, ref = _run(cls, "torch", device, flags, 2.0**log2_scale, **kw)
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, **TOL)
+            # the last step's gradient: unscaled (not clipped) by the kernel or apart, or as
+            # it was if skipped; power-of-two scales make the unscaling exact on both sides
+            assert torch.equal(p.grad, q.grad), backend
+            # (a first step skipped on the host creates no state; on the device it creates zeros)
+            assert float(opt.state[p]["step"]) == float(ref.state[q].get("step", 0)) == flags.count(0)
+
+
+def _hook_targets():
+    """(context, device, backend) of each device-hook backend that runs here (as the
+    device_hooks fixture of tests/conftest.py, which hypothesis tests cannot take)."""
+    if HAS_CUDA:
+        return [
+            (contextlib.nullcontext(), torch.device("cuda"), b)
+            for b in ("triton", "cuda")
+            if fastopt.backends.unavailable_reason(b) is None
+        ]
+    targets = [(cuda_emulation(), torch.device("cpu"), "cuda")]
+    if HAS_TRITON:
+        targets.append((triton_interpreter(), torch.device("cpu"), "triton"))
+    return targets

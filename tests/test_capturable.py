@@ -15,20 +15,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import HAS_CUDA, KERNEL_TOL, needs_triton, small_grads, small_params
+from helpers import HAS_CUDA, KERNEL_TOL, small_grads, small_params
 
 import fastopt
 from fastopt import presets
 from fastopt.spec import Accumulation, Denominator, Momentum, Schedule, Spec
 
-pytestmark = needs_triton
 TOL = KERNEL_TOL
 
 
 @pytest.fixture
-def device(triton_device):
-    """CUDA, or the CPU under Triton's interpreter (tests/conftest.py)."""
-    return triton_device
+def device(device_hooks):
+    """CUDA, or the CPU under Triton's interpreter or the CUDA C++ emulation (tests/conftest.py)."""
+    return device_hooks[0]
+
+
+@pytest.fixture
+def backend(device_hooks):
+    """triton or cuda: the backend stepped on ``device``."""
+    return device_hooks[1]
 
 
 # (id, constructor, options): torch twins and family members whose scalars depend on t in
@@ -88,11 +93,11 @@ def _run(case, device, steps, flags=None, **kw):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_capturable_equals_eager(device, case):
+def test_capturable_equals_eager(device, backend, case):
     """7 steps (RAdam rectifies from the 6th), the 3rd and 4th skipped by found_inf: the
     capturable run equals the torch backend's, which skips on the host."""
     flags = [0, 0, 1, 1, 0, 0, 0]
-    ours, opt = _run(case, device, 7, flags, backend="triton", capturable=True)
+    ours, opt = _run(case, device, 7, flags, backend=backend, capturable=True)
     theirs, ref = _run(case, device, 7, flags, backend="torch")
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, **TOL)
@@ -101,12 +106,12 @@ def test_capturable_equals_eager(device, case):
     assert all(float(opt.state[p]["step"]) == 5 for p in ours)
 
 
-def test_tensor_lr_is_read_on_the_device(device):
+def test_tensor_lr_is_read_on_the_device(device, backend):
     """A device tensor lr changed in place between steps (as a captured graph would see it)
     steps like a float lr changed by hand."""
     lr = torch.tensor(1e-2, device=device)
     ours, theirs = small_params(device), small_params(device)
-    opt = fastopt.Adam(ours, lr=lr, backend="triton", capturable=True)
+    opt = fastopt.Adam(ours, lr=lr, backend=backend, capturable=True)
     ref = fastopt.Adam(theirs, lr=1e-2, backend="torch")
     for step in range(4):
         for params in (ours, theirs):
@@ -120,19 +125,19 @@ def test_tensor_lr_is_read_on_the_device(device):
         torch.testing.assert_close(p, q, **TOL)
 
 
-def test_checkpoint_moves_between_capturable_and_eager(device):
+def test_checkpoint_moves_between_capturable_and_eager(device, backend):
     """A capturable run's state_dict continues in an eager optimizer (and back) as if
     nothing had changed; the NAdam product and step counts carry over."""
     case = CASES[2]  # NAdam: state carried from step to step on the device
-    full, _ = _run(case, device, 6, backend="triton", capturable=True)
-    params, opt = _run(case, device, 3, backend="triton", capturable=True)
-    eager = _make(case, params, backend="triton")
+    full, _ = _run(case, device, 6, backend=backend, capturable=True)
+    params, opt = _run(case, device, 3, backend=backend, capturable=True)
+    eager = _make(case, params, backend=backend)
     eager.load_state_dict(opt.state_dict())
     for step in range(3, 5):
         for p, g in zip(params, small_grads(step, device)):
             p.grad = g
         eager.step()
-    again = _make(case, params, backend="triton", capturable=True)
+    again = _make(case, params, backend=backend, capturable=True)
     again.load_state_dict(eager.state_dict())
     for p, g in zip(params, small_grads(5, device)):
         p.grad = g

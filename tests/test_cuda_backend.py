@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cuda_emulation import EMULATE, cuda_emulation
 
 from fastopt.scalars import step_scalars
 from fastopt.spec import Accumulation, Extra, Momentum, Spec, family
@@ -129,11 +130,22 @@ def test_module_tables_match_the_rule(cuda_module):
                          True, 16384, [0.0] * 12, 0, 0, 0, 0, False, False, 0)  # fmt: skip
 
 
-@pytest.fixture
-def cb():
+@pytest.fixture(params=["emulated", pytest.param("cuda", marks=pytest.mark.gpu)])
+def kernels(request):
+    """(the backend, the device of its tensors): the compiled kernels on a GPU; where none is
+    present, the same kernel source built for CPU emulation, on CPU tensors (how CI runs
+    them: tests/cuda_emulation.py)."""
     from fastopt.backends import cuda_backend
 
-    return cuda_backend
+    if request.param == "cuda":
+        if not (BUILT and HAS_CUDA):
+            pytest.skip("needs fastopt._cuda and a CUDA GPU (runs on the GPU machine)")
+        yield cuda_backend, torch.device("cuda")
+        return
+    if not EMULATE:
+        pytest.skip("emulated cases run where no GPU is present (CI)")
+    with cuda_emulation():
+        yield cuda_backend, torch.device("cpu")
 
 
 @pytest.fixture
@@ -149,29 +161,62 @@ FAMILY = list(family())
 SLICES = 16
 
 
-@pytest.mark.gpu
-@needs_gpu
+def _hyper(shared, spec: Spec) -> dict:
+    return dict(shared.HYPER, nu=0.999 if spec.extra == Extra.RADAM else 0.99)
+
+
+def _one_spec_per_kernel(cb, shared) -> list[Spec]:
+    """The first spec of the family for each kernel it runs at t = 5 and 6 and each way the
+    backend folds maximize and decoupled decay into the scalars."""
+    first: dict[tuple, Spec] = {}
+    for spec in FAMILY:
+        hyper = _hyper(shared, spec)
+        codes = [cb.switch_code(cb.canonical_switches(spec, step_scalars(spec, hyper, t))) for t in (5, 6)]
+        first.setdefault((*codes, spec.maximize, spec.weight_decay), spec)
+    return list(first.values())
+
+
 @pytest.mark.parametrize("part", range(SLICES))
-def test_whole_family_matches_torch_backend(cb, shared, part):
-    """Every spec, two steps from a warm state (t = 5, 6), fp32 (decoupled decay and maximize:
-    the storage and AMP tests)."""
+def test_whole_family_matches_torch_backend(kernels, shared, part):
+    """Every spec on a GPU (emulated: one spec per kernel), two steps from a warm state
+    (t = 5, 6), fp32 (decoupled decay and maximize: the storage and AMP tests)."""
+    cb, device = kernels
+    specs = FAMILY if device.type == "cuda" else _one_spec_per_kernel(cb, shared)
     failures = []
-    for spec in FAMILY[part::SLICES]:
-        hyper = dict(shared.HYPER, nu=0.999 if spec.extra == Extra.RADAM else 0.99)
+    for spec in specs[part::SLICES]:
         try:
-            shared.run_case(cb, spec, hyper, shared.CUDA_SIZES, torch.device("cuda"), t0=5)
+            shared.run_case(cb, spec, _hyper(shared, spec), shared.CUDA_SIZES, device, t0=5)
         except AssertionError as exc:
             failures.append(f"{spec.short()}: {str(exc).splitlines()[0]}")
     assert not failures, f"{len(failures)} specs differ:\n" + "\n".join(failures[:20])
 
 
-@pytest.mark.gpu
-@needs_gpu
+def test_every_kernel_is_run_emulated(shared):
+    """The emulated family test above runs every compiled kernel (L2 decay is a run-time
+    flag of every kernel, taken by the L2 specs under the tests' weight_decay): a kernel
+    that no spec of the family reaches would be dead code."""
+    if not EMULATE:
+        pytest.skip("emulated cases run where no GPU is present (CI)")
+    with cuda_emulation() as module:
+        from fastopt.backends import cuda_backend as cb
+
+        run = set()
+        for spec in _one_spec_per_kernel(cb, shared):
+            hyper = _hyper(shared, spec)
+            for t in (5, 6):
+                run.add(
+                    cb.switch_code(cb.canonical_switches(spec, step_scalars(spec, hyper, t)))
+                    & ~(1 << module.SWITCH_SHIFTS["HAS_L2"])
+                )
+        assert run == set(module.kernel_codes())
+
+
 @pytest.mark.parametrize("storage", [(torch.bfloat16, torch.bfloat16, False), (torch.float16, torch.float32, False),
                                      (torch.float32, torch.bfloat16, False), (torch.bfloat16, torch.float32, True),
                                      (torch.float16, torch.bfloat16, True)])  # fmt: skip
 @pytest.mark.parametrize("which", [2, 4, 9, 12])  # adam, adamw+maximize, adadelta, l1-scaled
-def test_storage_dtypes(cb, shared, storage, which):
+def test_storage_dtypes(kernels, shared, storage, which):
+    cb, device = kernels
     _, spec, hyper, t0, _ = shared.SUBSET[which]
     p_dtype, s_dtype, master = storage
     shared.run_case(
@@ -179,7 +224,7 @@ def test_storage_dtypes(cb, shared, storage, which):
         spec,
         hyper,
         shared.CUDA_SIZES,
-        torch.device("cuda"),
+        device,
         t0,
         p_dtype=p_dtype,
         s_dtype=s_dtype,
@@ -187,10 +232,8 @@ def test_storage_dtypes(cb, shared, storage, which):
     )
 
 
-@pytest.mark.gpu
-@needs_gpu
-def test_amp_hooks_and_device_scalars(cb, shared):
-    dev = torch.device("cuda")
+def test_amp_hooks_and_device_scalars(kernels, shared):
+    cb, dev = kernels
     spec, hyper = shared.SUBSET[8][1], shared.SUBSET[8][2]  # RAdam: unrectified at 5, rectified at 6
     case = shared.Case(spec, hyper, shared.CUDA_SIZES, dev, t0=5)
     before = [p.clone() for p in case.params]
@@ -206,32 +249,29 @@ def test_amp_hooks_and_device_scalars(cb, shared):
         case.check(f"t={t}")
 
 
-@pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_unscale_grads_writes_the_unscaled_gradients_back(cb, shared, dtype):
+def test_unscale_grads_writes_the_unscaled_gradients_back(kernels, shared, dtype):
     """The Triton backend's test of the same hook, on this backend."""
-    shared.test_unscale_grads_writes_the_unscaled_gradients_back(cb, torch.device("cuda"), dtype)
+    cb, device = kernels
+    shared.test_unscale_grads_writes_the_unscaled_gradients_back(cb, device, dtype)
 
 
-@pytest.mark.gpu
-@needs_gpu
-def test_stochastic_rounding_is_unbiased(cb):
+def test_stochastic_rounding_is_unbiased(kernels):
+    cb, dev = kernels
     spec = Spec(momentum=Momentum.CLASSICAL, momentum_accumulation=Accumulation.SUM)
     n, x = 1 << 16, 1.0 + 0.25 * 2**-7
-    m = [torch.zeros(n, dtype=torch.bfloat16, device="cuda")]
-    cb.step(spec, step_scalars(spec, dict(lr=1e-3, mu=0.5), 1), [torch.randn(n, device="cuda")],
-            [torch.full((n,), x, device="cuda")], None, {"m": m}, stochastic_rounding=True)  # fmt: skip
+    m = [torch.zeros(n, dtype=torch.bfloat16, device=dev)]
+    cb.step(spec, step_scalars(spec, dict(lr=1e-3, mu=0.5), 1), [torch.randn(n, device=dev)],
+            [torch.full((n,), x, device=dev)], None, {"m": m}, stochastic_rounding=True)  # fmt: skip
     assert set(m[0].float().unique().tolist()) <= {1.0, 1.0 + 2**-7}
     assert abs(m[0].double().mean().item() - x) < 5 * 2**-7 * math.sqrt(0.25 * 0.75 / n)
 
 
-@pytest.mark.gpu
-@needs_gpu
-def test_global_grad_norm(cb):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    grads = [torch.randn(n, device="cuda", generator=gen) for n in (0, 1, 5, 70001, 1 << 20)]
-    grads.append(torch.randn(300, device="cuda", generator=gen).to(torch.bfloat16))
+def test_global_grad_norm(kernels):
+    cb, dev = kernels
+    gen = torch.Generator(device=dev).manual_seed(0)
+    grads = [torch.randn(n, device=dev, generator=gen) for n in (0, 1, 5, 70001, 1 << 20)]
+    grads.append(torch.randn(300, device=dev, generator=gen).to(torch.bfloat16))
     expected = torch.linalg.vector_norm(torch.cat([g.double() for g in grads]))
     for _ in range(2):
         torch.testing.assert_close(cb.global_grad_norm(grads).double()[0], expected, rtol=1e-5, atol=0)

@@ -4,7 +4,8 @@ The same checks as tests/test_torch_parity.py (every torch twin and option combi
 against torch.optim) and tests/test_properties.py (random specs of the whole family against
 the NumPy reference), in fp32, the GPU kernels' precision. On a GPU machine: every
 combination, on both backends, on CUDA tensors. Without a GPU (CI): the Triton kernels
-under Triton's interpreter on CPU tensors, on a spread of the table and a few random specs
+under Triton's interpreter and the CUDA C++ kernels built for CPU emulation
+(tests/cuda_emulation.py), on CPU tensors, on a spread of the table and a few random specs
 (the interpreter runs each program in NumPy, about a thousand times slower).
 
 Tolerances are those of the CPU backends' fp32 tests, whose comments justify them: the
@@ -20,6 +21,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from cuda_emulation import EMULATE, cuda_emulation
 from helpers import max_rel_err, run_backend_vs_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,26 +37,37 @@ CASES = matrix()
 
 if HAS_CUDA:
     TARGETS = [("cuda", b) for b in ("triton", "cuda") if backends.unavailable_reason(b) is None]
-    TABLE, EXAMPLES, STEPS = CASES, 200, 50
+    EXAMPLES, STEPS = 200, 50
 else:
     TARGETS = [("cpu", "triton")] if HAS_TRITON else []
-    TABLE, EXAMPLES, STEPS = CASES[::2], 12, 20
+    TARGETS += [("cpu", "cuda")] if EMULATE else []
+    EXAMPLES, STEPS = 12, 20
 
 
-def _env(device: str):
-    if device == "cpu":  # Triton's interpreter (see test_reliability_hostile)
+def _table(device: str, backend: str) -> list:
+    """Every combination, but every other one under Triton's interpreter (emulated CUDA C++
+    kernels run at compiled C++ speed)."""
+    return CASES[::2] if (device, backend) == ("cpu", "triton") else CASES
+
+
+TABLE = [(info, kw, target) for target in TARGETS for info, kw in _table(*target)]
+
+
+def _env(device: str, backend: str):
+    if device == "cpu" and backend == "triton":  # Triton's interpreter (see test_reliability_hostile)
         from test_reliability_hostile import triton_interpreter
 
         return triton_interpreter()
+    if device == "cpu" and backend == "cuda":
+        return cuda_emulation()
     return contextlib.nullcontext()
 
 
 @pytest.mark.skipif(not TARGETS, reason="no GPU backend can run here")
-@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"{t[0]}-{t[1]}")
-@pytest.mark.parametrize("info,kw", TABLE, ids=[case_id(i, k) for i, k in TABLE])
+@pytest.mark.parametrize("info,kw,target", TABLE, ids=[f"{case_id(i, k)}-{t[0]}-{t[1]}" for i, k, t in TABLE])
 def test_float32_matches_torch(info, kw, target):
     device, backend = target
-    with _env(device):
+    with _env(device, backend):
         p0, ours, theirs, opt_ours, _ = run_pair(info, kw, backend, torch.float32, STEPS, device=device)
     assert all(g["params"] for g in opt_ours.param_groups)
     for start, a, b in zip(p0, ours, theirs):
@@ -70,7 +83,7 @@ def test_random_spec_float32_gpu_backends(data, shape_list, steps, seed):
     h = data.draw(hyper(spec))
     h["eps"] = max(h["eps"], 1e-4)  # as in test_properties: 1/vbar bounded
     for device, backend in TARGETS:
-        with _env(device):
+        with _env(device, backend):
             ours, ref = run_backend_vs_reference(
                 spec, h, shape_list, steps, backend, dtype=torch.float32, seed=seed, device=device
             )

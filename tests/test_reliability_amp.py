@@ -10,27 +10,26 @@ compared against the seed-to-seed noise of torch.optim's own curve.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 
 import pytest
 import torch
+from cuda_emulation import EMULATE
 from optim_db import OPTIM_DB, cpu_backends
 
 import fastopt
 
-# Triton's interpreter where no GPU is present (see test_reliability_hostile)
+# Triton's interpreter and the CUDA C++ emulation where no GPU is present (see
+# test_reliability_hostile)
 HAS_TRITON = importlib.util.find_spec("triton") is not None and not torch.cuda.is_available()
-BACKENDS = cpu_backends() + (["triton"] if HAS_TRITON else [])
+BACKENDS = cpu_backends() + (["triton"] if HAS_TRITON else []) + (["cuda"] if EMULATE else [])
 
 
 def _backend_env(backend: str):
-    if backend != "triton":
-        return contextlib.nullcontext()
-    from test_reliability_hostile import triton_interpreter
+    from test_reliability_hostile import kernel_env
 
-    return triton_interpreter()
+    return kernel_env("cpu", backend)
 
 
 def _model(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
@@ -45,7 +44,7 @@ def test_scaler_skips_overflowing_steps_and_matches_torch(info, backend, float64
     halves, and every step agrees with the torch.optim twin under its own scaler, the
     gradients left in p.grad included. (float64
     default dtype: torch keeps NAdam's mu_product in it.)"""
-    dtype = torch.float32 if backend == "triton" else torch.float64
+    dtype = torch.float32 if backend in ("triton", "cuda") else torch.float64
     # fp64: rounding apart; fp32: a few ulps per step of the fused vs unfused order
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
     kw = dict(info.base)

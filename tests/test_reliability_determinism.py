@@ -13,7 +13,7 @@ import contextlib
 
 import pytest
 import torch
-from test_reliability_hostile import TARGETS, triton_interpreter
+from test_reliability_hostile import TARGETS, kernel_env
 
 import fastopt
 from fastopt import backends
@@ -25,12 +25,12 @@ SMALL_SHAPES = [(40, 11), (301,), (3, 5, 7), (0,), ()]
 
 
 def _env(device: str, backend: str):
-    return triton_interpreter() if device == "cpu" and backend == "triton" else contextlib.nullcontext()
+    return kernel_env(device, backend)
 
 
 def _run(device, backend, dtype, steps=4, **opt_kw):
     """Adam (AMSGrad, weight decay, clipping) on fixed data; the params and state after."""
-    shapes = SMALL_SHAPES if backend == "triton" and device == "cpu" else BIG_SHAPES
+    shapes = SMALL_SHAPES if backend in ("triton", "cuda") and device == "cpu" else BIG_SHAPES
     gen = torch.Generator().manual_seed(7)
     params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
     grads = [

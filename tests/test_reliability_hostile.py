@@ -19,6 +19,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from cuda_emulation import EMULATE, cuda_emulation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from optim_db import cpu_backends
@@ -51,11 +52,24 @@ def triton_interpreter():
         yield
 
 
-# (device, backend): CPU ones everywhere, Triton interpreted where no GPU is present (on a
-# GPU machine the interpreter would take over the compiled kernels in this process)
+def kernel_env(device: str, backend: str):
+    """What a GPU backend needs to run on ``device``: on the CPU, Triton's interpreter or the
+    CUDA C++ emulation build (tests/cuda_emulation.py); else nothing."""
+    if device == "cpu" and backend == "triton":
+        return triton_interpreter()
+    if device == "cpu" and backend == "cuda":
+        return cuda_emulation()
+    return contextlib.nullcontext()
+
+
+# (device, backend): CPU ones everywhere; where no GPU is present, Triton interpreted (on a
+# GPU machine the interpreter would take over the compiled kernels in this process) and the
+# CUDA C++ kernels emulated
 TARGETS = [("cpu", b) for b in cpu_backends()]
 if HAS_TRITON and not HAS_CUDA:
     TARGETS.append(("cpu", "triton"))
+if EMULATE:
+    TARGETS.append(("cpu", "cuda"))
 if HAS_CUDA:
     TARGETS += [("cuda", b) for b in ("torch", "triton", "cuda") if backends.unavailable_reason(b) is None]
 
@@ -63,7 +77,7 @@ if HAS_CUDA:
 def _dtype(device: str, backend: str) -> torch.dtype:
     """float64 where the backend steps it (the reference's own rounding is then far below
     the tolerance), else fp32."""
-    if backend == "triton":
+    if backend in ("triton", "cuda"):  # fp32 kernels (and no GPU needed to say so)
         return torch.float32
     why = backends.get(backend).supports(presets.spec("adam"), torch.device(device), torch.float64)
     return torch.float64 if why is None else torch.float32
@@ -341,8 +355,7 @@ def _run_case(case: Case) -> str:
 @given(data=st.data())
 def test_hostile_input_steps_like_the_reference_or_is_refused_untouched(device, backend, data):
     case = Case(data, device, backend)
-    env = triton_interpreter() if device == "cpu" and backend == "triton" else contextlib.nullcontext()
-    with env, np.errstate(all="ignore"):  # NaN and Inf are the point here
+    with kernel_env(device, backend), np.errstate(all="ignore"):  # NaN and Inf are the point here
         outcome = _run_case(case)
     COUNTS[(f"{device}-{backend}", outcome)] += 1
 

@@ -8,13 +8,12 @@ it is marked slow and runs with ``-m slow`` (or FASTOPT_RUN_SLOW=1).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
 import pytest
 import torch
-from test_reliability_hostile import TARGETS, _dtype, triton_interpreter
+from test_reliability_hostile import TARGETS, _dtype, kernel_env
 
 import fastopt
 from fastopt import presets
@@ -25,7 +24,7 @@ HYPER = dict(lr=1e-2, mu=0.9, nu=0.999, eps=1e-8, weight_decay=0.01)
 
 
 def _env(device: str, backend: str):
-    return triton_interpreter() if device == "cpu" and backend == "triton" else contextlib.nullcontext()
+    return kernel_env(device, backend)
 
 
 @pytest.mark.parametrize("device,backend", TARGETS, ids=[f"{d}-{b}" for d, b in TARGETS])

@@ -8,12 +8,11 @@ by both). The results must be bit-identical to running the two trainings seriall
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import pytest
 import torch
-from test_reliability_hostile import TARGETS, triton_interpreter
+from test_reliability_hostile import TARGETS, kernel_env
 
 import fastopt
 
@@ -21,11 +20,11 @@ STEPS = 15
 
 
 def _env(device: str, backend: str):
-    return triton_interpreter() if device == "cpu" and backend == "triton" else contextlib.nullcontext()
+    return kernel_env(device, backend)
 
 
 def _setup(seed: int, device: str, backend: str):
-    small = device == "cpu" and backend == "triton"
+    small = device == "cpu" and backend in ("triton", "cuda")  # interpreted or emulated kernels
     gen = torch.Generator().manual_seed(seed)
     shapes = [(64, 33), (500,), (7,)] if small else [(512, 700), (40001,), (7,)]
     params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]

@@ -9,6 +9,10 @@ backend and takes the same optional hooks in :func:`step` (``grad_scale_ptr``, `
 Kernels exist for canonical switch codes only: maximize, the gradient scale and decoupled
 decay are folded into the scalars with exact arithmetic, and SUM and MEAN denominators
 share a kernel, so a few hundred kernels cover the whole family.
+
+A test build of the extension (``python build_cuda.py --emulate``, ``EMULATED`` true) runs
+the same kernel source on the CPU (csrc/cuda_emulation.h); with it this backend steps CPU
+tensors, on device 0 and stream 0, which is how CI checks the kernels without a GPU.
 """
 
 from __future__ import annotations
@@ -44,13 +48,33 @@ def _module() -> Any | None:
     return _ext
 
 
+def _emulated() -> bool:
+    """Whether the extension in use is the CPU-emulation test build."""
+    return bool(getattr(_ext, "EMULATED", False))
+
+
 def unavailable_reason() -> str | None:
-    """None when the extension is built and a CUDA device is present."""
+    """None when the extension is built and a CUDA device is present (or the extension is
+    the emulation build, which needs none)."""
+    if _emulated():
+        return None
     if not torch.cuda.is_available():
         return "no CUDA device"
     if _module() is None:
         return _ext_error
     return None
+
+
+def _kernel_device() -> str:
+    return "cpu" if _emulated() else "cuda"
+
+
+def _device_and_stream(device: torch.device) -> tuple[int, int]:
+    """The extension's device index and stream handle for tensors on ``device``."""
+    if _emulated():
+        return 0, 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(device).cuda_stream
 
 
 def canonical_switches(spec: Spec, scalars: StepScalars, capturable: bool = False) -> dict[str, int]:
@@ -82,7 +106,9 @@ def supports(spec: Spec, device: torch.device, dtype: torch.dtype) -> str | None
     reason = unavailable_reason()
     if reason is not None:
         return reason
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != _kernel_device():
+        if _emulated():
+            return f"the CUDA backend's emulation build runs on CPU tensors, not {device}"
         return f"the CUDA backend runs on CUDA tensors, not {device}"
     if dtype not in _PARAM_DTYPES:
         return f"the CUDA backend steps fp32, bf16 and fp16 params, not {dtype}"
@@ -180,10 +206,11 @@ def step(
     if spec.maximize:
         host[3] = -host[3]  # g * -s == -(g * s) exactly
     dt = ext.DTYPES
+    index, stream = _device_and_stream(device)
     ext.step(
         code=switch_code(sw),
-        device=device.index if device.index is not None else torch.cuda.current_device(),
-        stream=torch.cuda.current_stream(device).cuda_stream,
+        device=index,
+        stream=stream,
         ptrs=table.ptrs.data_ptr(),
         sizes=table.sizes.data_ptr(),
         chunks=table.chunks.data_ptr(),
@@ -242,9 +269,10 @@ def _norm_one_dtype(ts: list[torch.Tensor], device: torch.device) -> torch.Tenso
         partials = torch.empty(max(table.n_chunks, 1024), dtype=torch.float32, device=device)
         counter = torch.zeros(1, dtype=torch.int32, device=device)
         _norm_buffers[str(device)] = (partials, counter)
+    index, stream = _device_and_stream(device)
     ext.global_norm(
-        device=device.index if device.index is not None else torch.cuda.current_device(),
-        stream=torch.cuda.current_stream(device).cuda_stream,
+        device=index,
+        stream=stream,
         ptrs=table.ptrs.data_ptr(),
         sizes=table.sizes.data_ptr(),
         chunks=table.chunks.data_ptr(),

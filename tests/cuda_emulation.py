@@ -1,0 +1,90 @@
+"""The CUDA C++ backend's kernels on the CPU, for tests where no GPU is present.
+
+``python build_cuda.py --emulate`` compiles csrc/cuda_step.cu and its bindings with the host
+C++ compiler against csrc/cuda_emulation.h: a ``fastopt._cuda`` whose launches run the same
+kernel source over CPU tensors. :func:`cuda_emulation` hands that module to the backend for
+the duration, as tests/test_reliability_hostile.py's ``triton_interpreter`` does for Triton.
+The build (about 15 s on two cores) is kept under build/cuda-emulated/, keyed by a hash of
+its sources, so that it is made once per checkout and change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = [
+    "build_cuda.py",
+    "csrc/cuda_step.cu",
+    "csrc/cuda_bindings.cpp",
+    "csrc/cuda_emulation.h",
+    "csrc/update_math.h",
+]
+# Emulated cases run where no GPU is present (CI); on a GPU machine the compiled kernels
+# themselves are tested instead.
+EMULATE = not torch.cuda.is_available()
+
+
+def _key() -> str:
+    digest = hashlib.sha256(sysconfig.get_config_var("EXT_SUFFIX").encode())
+    for name in SOURCES:
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def emulation_module() -> ModuleType:
+    """The emulation build of fastopt._cuda, built here if this checkout has none yet."""
+    home = ROOT / "build" / "cuda-emulated"
+    out = home / _key()
+    if not out.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=home, prefix="tmp-"))
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "build_cuda.py"), "--emulate", "--out", str(work)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if done.returncode != 0:
+            shutil.rmtree(work, ignore_errors=True)
+            raise RuntimeError(
+                "build_cuda.py --emulate failed:\n" + done.stdout[-3000:] + done.stderr[-3000:]
+            )
+        shutil.rmtree(work / "temp", ignore_errors=True)
+        try:
+            os.rename(work, out)  # whole or not at all
+        except OSError:  # made meanwhile by another process
+            shutil.rmtree(work, ignore_errors=True)
+    (path,) = (out / "fastopt").glob("_cuda_emulated*")
+    spec = importlib.util.spec_from_file_location("fastopt._cuda_emulated", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.EMULATED
+    return module
+
+
+@contextlib.contextmanager
+def cuda_emulation():
+    """The CUDA backend runs on CPU tensors, through the emulation build, for the duration."""
+    from fastopt.backends import cuda_backend
+
+    module = emulation_module()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda_backend, "_ext", module)
+        mp.setattr(cuda_backend, "_ext_error", None)
+        yield module
