@@ -239,6 +239,7 @@ class _Plan:
         "device_scalars",
         "extras",
         "unscale",
+        "counters",
     )
 
     def __init__(
@@ -261,6 +262,17 @@ class _Plan:
         # this step's AMP inverse loss scale when the backend writes the unscaled gradients
         # back itself (a float on the host, a device tensor with device hooks), else None
         self.unscale: float | torch.Tensor | None = None
+        # the version counters of the packed 'step' and extra tensors after the last step
+        # wrote them: the host keeps their values too (bucket.t, bucket.carried), so a change
+        # made in place between steps (state["step"].fill_(0)) must rebuild the plan
+        self.counters: tuple[int, ...] = ()
+
+    def counter_versions(self) -> tuple[int, ...]:
+        """The packed counters' version counters now (an in-place change advances them; a
+        replayed CUDA graph's does not, and needs no rebuild: the host does not replay).
+        Tensors made under torch.inference_mode() keep no counter: -1, never rebuilt."""
+        packed = [self.steps, *self.extras.values()]
+        return tuple(-1 if t.is_inference() else t._version for t in packed if t is not None)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -579,6 +591,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for plan in self._plans.values():
             if plan.state is not None:
                 plan.version = version
+                plan.counters = plan.counter_versions()
 
     def _check_scalars(self, index: int, group: dict[str, Any], plan: _Plan) -> None:
         self._check_group(index, group)
@@ -616,7 +629,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not params:  # (after the above: _step_groups reads self.state.version)
             return None
         plan = self._plans.get(index)
-        stale = plan is not None and plan.state is not None and plan.version != self.state.version
+        stale = plan is not None and plan.state is not None
+        stale = stale and (plan.version != self.state.version or plan.counters != plan.counter_versions())
         if plan is None or stale or plan.spec != spec or not _same_tensors(plan.params, params):
             plan = self._build_plan(spec, params)
             self._plans[index] = plan

@@ -63,6 +63,12 @@ def _edits(state: dict, param: torch.Tensor, kind: str) -> None:
                 entries[key] = value if key in ("step", "mu_product") else value * 0.5
     elif kind == "restart":  # a bias-correction restart: the step count back to 0
         entries["step"] = torch.zeros_like(entries["step"])
+    elif kind == "restart-in-place":  # the same, written into the tensor the state holds
+        entries["step"].zero_()
+    elif kind == "rewind-in-place":  # counters edited in place (NAdam's product too)
+        entries["step"].sub_(2)
+        if "mu_product" in entries:
+            entries["mu_product"].mul_(0.5)
     else:
         raise AssertionError(kind)
 
@@ -71,15 +77,16 @@ def _edits(state: dict, param: torch.Tensor, kind: str) -> None:
 EDITS = [
     (info, b, kind)
     for info, b in CASES
-    for kind in ("clear", "replace", "restart")
-    if (info.name, kind) != ("SGD", "restart")
+    for kind in ("clear", "replace", "restart", "restart-in-place", "rewind-in-place")
+    if info.name != "SGD" or kind in ("clear", "replace")
 ]
 
 
 @pytest.mark.parametrize("info,backend,kind", EDITS, ids=[f"{i.name}-{b}-{k}" for i, b, k in EDITS])
 def test_edited_param_state_is_stepped_as_torch_steps_it(info, backend, kind, float64_default):
-    """A param's state entries replaced (or the dict cleared) between steps: the next steps
-    use the new entries, and the state_dict holds them."""
+    """A param's state entries replaced (or the dict cleared, or its counters changed in
+    place: fastopt's step packs every param's count into one buffer) between steps: the
+    next steps use the new entries, and the state_dict holds them."""
     ours, opt, theirs, ref = _pair(info, backend)
     _steps(ours, opt, 0, 4)
     _steps(theirs, ref, 0, 4)
