@@ -131,15 +131,27 @@ def _jobs() -> int:
 # aliasing.
 EMULATION_FLAGS = ["-x", "c++", "-std=c++20", "-O2", "-fPIC", "-fno-strict-aliasing", "-pthread"]
 EMULATION_MACRO = "FASTOPT_CUDA_EMULATION"
+# --sanitize: AddressSanitizer in the emulated kernels, so that a read or write outside a
+# tensor (which on a GPU corrupts memory or faults far from its cause) stops with a report
+SANITIZE_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 
 
-def compile_cu(build_dir: Path, shards: int | None = None, emulate: bool = False) -> list[Path]:
+def compile_cu(
+    build_dir: Path, shards: int | None = None, emulate: bool = False, extra: list[str] | None = None
+) -> list[Path]:
     """Compile every .cu source into objects under build_dir; the kernels of a source are
     split into shards (preprocessor FASTOPT_SHARD) compiled in parallel. ``emulate``: with
-    the host C++ compiler ($CXX, else c++) for CPU emulation instead of nvcc."""
+    the host C++ compiler ($CXX, else c++) for CPU emulation instead of nvcc, with the
+    ``extra`` flags."""
     include = f"-I{ROOT / 'csrc'}"
     if emulate:
-        base = [os.environ.get("CXX", "c++"), *EMULATION_FLAGS, f"-D{EMULATION_MACRO}", include]
+        base = [
+            os.environ.get("CXX", "c++"),
+            *EMULATION_FLAGS,
+            *(extra or []),
+            f"-D{EMULATION_MACRO}",
+            include,
+        ]
     else:
         home = cuda_home()
         if home is None:
@@ -203,23 +215,26 @@ def cuda_extensions(need_cuda_torch: bool = True) -> list[Extension]:
     return [ext]
 
 
-def emulation_extension() -> Extension:
+def emulation_extension(sanitize: bool = False) -> Extension:
     """fastopt._cuda built for CPU emulation (csrc/cuda_emulation.h), as a test build named
-    fastopt._cuda_emulated."""
+    fastopt._cuda_emulated; ``sanitize``: with AddressSanitizer (load it with LD_PRELOAD)."""
     import pybind11
 
+    extra = SANITIZE_FLAGS if sanitize else []
     ext = Extension(
         "fastopt._cuda_emulated",
         sources=["csrc/cuda_bindings.cpp"],
         include_dirs=[pybind11.get_include(), "csrc"],
         define_macros=[(EMULATION_MACRO, "1")],
         libraries=["pthread"],
-        extra_compile_args=["-O2", "-std=c++17"],
+        extra_compile_args=["-O2", "-std=c++17", *extra],
+        extra_link_args=extra,
         depends=CU_SOURCES + HEADERS + ["csrc/cuda_emulation.h"],
         language="c++",
     )
     ext.cuda_sources = list(CU_SOURCES)
     ext.emulate = True
+    ext.emulation_flags = extra
     return ext
 
 
@@ -233,7 +248,7 @@ def with_cuda(build_ext_class: type) -> type:
             if cu:
                 emulate = getattr(ext, "emulate", False)
                 where = Path(self.build_temp).resolve() / ("cuda-emulated" if emulate else "cuda")
-                objects = compile_cu(where, emulate=emulate)
+                objects = compile_cu(where, emulate=emulate, extra=getattr(ext, "emulation_flags", None))
                 ext.extra_objects = [*(ext.extra_objects or []), *map(str, objects)]
             super().build_extension(ext)
 
@@ -242,7 +257,7 @@ def with_cuda(build_ext_class: type) -> type:
 
 def main(argv: list[str] | None = None) -> int:
     """Build fastopt/_cuda in place (python build_cuda.py [--out DIR] [--without-cuda-torch]
-    [--emulate])."""
+    [--emulate [--sanitize]])."""
     import argparse
 
     from setuptools import setup
@@ -256,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--emulate", action="store_true", help="a test build whose kernels run on the CPU (needs --out)"
     )
+    parser.add_argument(
+        "--sanitize", action="store_true", help="with --emulate: AddressSanitizer in the kernels"
+    )
     args = parser.parse_args(argv)
     out = None if args.out is None else args.out.resolve()  # (relative to the caller's directory)
     if args.emulate:
@@ -264,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(ROOT)
         setup(
             name="fastopt-cuda-emulated",
-            ext_modules=[emulation_extension()],
+            ext_modules=[emulation_extension(sanitize=args.sanitize)],
             cmdclass={"build_ext": with_cuda(build_ext)},
             script_args=["build_ext", "--build-lib", str(out), "--build-temp", str(out / "temp")],
         )

@@ -39,26 +39,25 @@ SOURCES = [
 EMULATE = not torch.cuda.is_available()
 
 
-def _key() -> str:
+def _key(sanitize: bool) -> str:
     digest = hashlib.sha256(sysconfig.get_config_var("EXT_SUFFIX").encode())
     for name in SOURCES:
         digest.update((ROOT / name).read_bytes())
-    return digest.hexdigest()[:16]
+    return ("sanitized-" if sanitize else "plain-") + digest.hexdigest()[:16]
 
 
-@functools.cache
-def emulation_module() -> ModuleType:
-    """The emulation build of fastopt._cuda, built here if this checkout has none yet."""
+def build(sanitize: bool = False) -> Path:
+    """The path of the emulation build of fastopt._cuda (``sanitize``: with AddressSanitizer,
+    which only loads in a process started with it preloaded), built here if this checkout
+    has none yet."""
     home = ROOT / "build" / "cuda-emulated"
-    out = home / _key()
+    out = home / _key(sanitize)
     if not out.exists():
         home.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=home, prefix="tmp-"))
+        command = [sys.executable, str(ROOT / "build_cuda.py"), "--emulate", "--out", str(work)]
         done = subprocess.run(
-            [sys.executable, str(ROOT / "build_cuda.py"), "--emulate", "--out", str(work)],
-            capture_output=True,
-            text=True,
-            timeout=900,
+            command + (["--sanitize"] if sanitize else []), capture_output=True, text=True, timeout=900
         )
         if done.returncode != 0:
             shutil.rmtree(work, ignore_errors=True)
@@ -70,8 +69,18 @@ def emulation_module() -> ModuleType:
             os.rename(work, out)  # whole or not at all
         except OSError:  # made meanwhile by another process
             shutil.rmtree(work, ignore_errors=True)
+        kind = out.name.split("-")[0] + "-"
+        for old in home.glob(kind + "*"):  # builds of earlier sources
+            if old != out:
+                shutil.rmtree(old, ignore_errors=True)
     (path,) = (out / "fastopt").glob("_cuda_emulated*")
-    spec = importlib.util.spec_from_file_location("fastopt._cuda_emulated", path)
+    return path
+
+
+@functools.cache
+def emulation_module() -> ModuleType:
+    """The emulation build of fastopt._cuda, loaded."""
+    spec = importlib.util.spec_from_file_location("fastopt._cuda_emulated", build())
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.EMULATED
