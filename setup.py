@@ -10,6 +10,9 @@ on its torch backend.
 AVX-512, each into its own namespace) and the best one the CPU supports is picked at run
 time, so the wheel stays portable without -march=native. The objects compile in parallel.
 With OpenMP available the step runs on the OpenMP runtime, which torch's CPU ops share.
+
+``FASTOPT_SANITIZE=address`` builds ``_C`` and ``_host`` with AddressSanitizer, for tests
+that load them in a process started with ASan's runtime preloaded (tests/sanitized.py).
 """
 
 from __future__ import annotations
@@ -47,6 +50,16 @@ X86_ISAS = [
     ("isa_avx2", ["-mavx2"]),
     ("isa_avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]),
 ]
+
+
+def sanitize_flags() -> list[str]:
+    """Compile and link flags of a FASTOPT_SANITIZE=address test build (else none)."""
+    which = os.environ.get("FASTOPT_SANITIZE", "")
+    if which in ("", "0"):
+        return []
+    if which != "address":
+        raise ValueError(f"FASTOPT_SANITIZE={which!r}: only 'address' is supported")
+    return ["-fsanitize=address", "-fno-omit-frame-pointer"]
 
 
 def _warn(message: str) -> None:
@@ -133,8 +146,8 @@ class OptionalBuildExt(build_ext):
     def _build(self, ext: Extension) -> None:
         import pybind11  # a build dependency (pyproject.toml)
 
-        openmp = self._openmp_flags()
-        flags = (GCC_FLAGS if self._gcc_like() else MSVC_FLAGS) + openmp
+        linked = self._openmp_flags() + sanitize_flags()  # flags of the compile and the link
+        flags = (GCC_FLAGS if self._gcc_like() else MSVC_FLAGS) + linked
         includes = [CSRC, pybind11.get_include(), sysconfig.get_paths()["include"]]
         isas = self._isa_builds()
         have = [(f"FASTOPT_HAVE_{name[4:].upper()}", "1") for name, _ in isas]
@@ -171,7 +184,7 @@ class OptionalBuildExt(build_ext):
             libraries=self.get_libraries(ext),
             library_dirs=ext.library_dirs,
             export_symbols=self.get_export_symbols(ext),
-            extra_postargs=openmp,
+            extra_postargs=linked,
             build_temp=self.build_temp,
             target_lang="c++",
         )
@@ -209,7 +222,8 @@ def host_extensions() -> list[Extension]:
             library_dirs=[lib],
             runtime_library_dirs=[lib],
             libraries=["c10", "torch_cpu", "torch_python"],
-            extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden"],
+            extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden", *sanitize_flags()],
+            extra_link_args=sanitize_flags(),
             language="c++",
         )
     ]

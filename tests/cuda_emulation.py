@@ -4,26 +4,21 @@
 C++ compiler against csrc/cuda_emulation.h: a ``fastopt._cuda`` whose launches run the same
 kernel source over CPU tensors. :func:`cuda_emulation` hands that module to the backend for
 the duration, as tests/test_reliability_hostile.py's ``triton_interpreter`` does for Triton.
-The build (about 15 s on two cores) is kept under build/cuda-emulated/, keyed by a hash of
-its sources, so that it is made once per checkout and change.
+The build (about 15 s on two cores) is kept under build/test-builds/ with the ASan builds,
+keyed by a hash of its sources, so that it is made once per checkout and change.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.util
-import os
-import shutil
-import subprocess
 import sys
-import sysconfig
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import sanitized
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,40 +34,16 @@ SOURCES = [
 EMULATE = not torch.cuda.is_available()
 
 
-def _key(sanitize: bool) -> str:
-    digest = hashlib.sha256(sysconfig.get_config_var("EXT_SUFFIX").encode())
-    for name in SOURCES:
-        digest.update((ROOT / name).read_bytes())
-    return ("sanitized-" if sanitize else "plain-") + digest.hexdigest()[:16]
-
-
 def build(sanitize: bool = False) -> Path:
     """The path of the emulation build of fastopt._cuda (``sanitize``: with AddressSanitizer,
-    which only loads in a process started with it preloaded), built here if this checkout
-    has none yet."""
-    home = ROOT / "build" / "cuda-emulated"
-    out = home / _key(sanitize)
-    if not out.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=home, prefix="tmp-"))
+    which only loads in a process started with it preloaded: tests/sanitized.py), built here
+    if this checkout has none of the current sources yet."""
+
+    def make(work: Path) -> list[str]:
         command = [sys.executable, str(ROOT / "build_cuda.py"), "--emulate", "--out", str(work)]
-        done = subprocess.run(
-            command + (["--sanitize"] if sanitize else []), capture_output=True, text=True, timeout=900
-        )
-        if done.returncode != 0:
-            shutil.rmtree(work, ignore_errors=True)
-            raise RuntimeError(
-                "build_cuda.py --emulate failed:\n" + done.stdout[-3000:] + done.stderr[-3000:]
-            )
-        shutil.rmtree(work / "temp", ignore_errors=True)
-        try:
-            os.rename(work, out)  # whole or not at all
-        except OSError:  # made meanwhile by another process
-            shutil.rmtree(work, ignore_errors=True)
-        kind = out.name.split("-")[0] + "-"
-        for old in home.glob(kind + "*"):  # builds of earlier sources
-            if old != out:
-                shutil.rmtree(old, ignore_errors=True)
+        return command + (["--sanitize"] if sanitize else [])
+
+    out = sanitized.cached_build("emulated_asan" if sanitize else "emulated", SOURCES, make)
     (path,) = (out / "fastopt").glob("_cuda_emulated*")
     return path
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 from cuda_emulation import EMULATE, cuda_emulation
-from cuda_emulation import build as cuda_emulation_build
 
 from fastopt.scalars import step_scalars
 from fastopt.spec import Accumulation, Extra, Momentum, Spec, family
@@ -210,32 +209,6 @@ def test_every_kernel_is_run_emulated(shared):
                     & ~(1 << module.SWITCH_SHIFTS["HAS_L2"])
                 )
         assert run == set(module.kernel_codes())
-
-
-def test_emulated_kernels_stay_inside_their_tensors():
-    """The kernels built for emulation with AddressSanitizer (``build_cuda.py --emulate
-    --sanitize``) step ragged, chunk-crossing and unaligned tensors in every storage dtype,
-    with the hooks and the grad norm (tests/cuda_sanitized_worker.py): a read or write
-    outside a tensor, which on a GPU would corrupt memory silently or fault later, stops the
-    worker with ASan's report."""
-    if not EMULATE:
-        pytest.skip("emulated cases run where no GPU is present (CI)")
-    runtime = subprocess.run(
-        ["c++", "-print-file-name=libasan.so"], capture_output=True, text=True
-    ).stdout.strip()
-    assert os.path.isabs(runtime), f"the C++ compiler has no AddressSanitizer runtime ({runtime!r})"
-    module = cuda_emulation_build(sanitize=True)
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "cuda_sanitized_worker.py"), str(module)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ, LD_PRELOAD=runtime, ASAN_OPTIONS="detect_leaks=0"),
-    )
-    assert done.returncode == 0 and "AddressSanitizer" not in done.stderr, (
-        done.stdout[-2000:] + done.stderr[-6000:]
-    )
-    assert "sanitized emulation: clean" in done.stdout
 
 
 @pytest.mark.parametrize("storage", [(torch.bfloat16, torch.bfloat16, False), (torch.float16, torch.float32, False),

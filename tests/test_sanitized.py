@@ -1,0 +1,73 @@
+"""fastopt's C++ kernels under AddressSanitizer: no read or write outside a tensor.
+
+The value tests cannot see every stray access: a load past a tensor's end may feed lanes
+whose results are never stored, and a store past it may land in allocator padding. Here
+the kernels are built with ASan (tests/sanitized.py) and run in a child process that
+preloads its runtime, where any such access stops the process with a report:
+
+* the CPU extensions (``fastopt._C`` with every instruction-set build of its kernels, and
+  ``fastopt._host``) under their own tests, test_cpp_backend.py and test_tensor_lists.py
+  (ragged tails, chunk and piece boundaries, every storage dtype, threads, instruction
+  sets, the written-back gradients);
+* the CUDA C++ kernels built for CPU emulation (tests/cuda_emulation.py), over ragged,
+  chunk-crossing and unaligned tensors (tests/cuda_sanitized_worker.py).
+
+A kernel made to read past its tensors (a block length or a vector access taken whole at
+a tensor's end) fails both with ASan's heap-buffer-overflow report.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import sanitized
+from cuda_emulation import EMULATE
+from cuda_emulation import build as emulation_build
+
+TESTS = sanitized.ROOT / "tests"
+
+
+def _check(done: subprocess.CompletedProcess, log_dir, clean_mark: str) -> None:
+    found = sanitized.reports(log_dir)
+    assert not found and done.returncode == 0, (
+        (found or "")[:6000] + done.stdout[-3000:] + done.stderr[-3000:]
+    )
+    assert clean_mark in done.stdout
+
+
+def test_cpu_extensions_stay_inside_their_tensors(tmp_path):
+    root = sanitized.package_with(sanitized.cpu_extensions(), tmp_path / "pkg")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = sanitized.asan_env(logs, PYTHONPATH=str(root))
+    # the child imports the copy (run there, first on its path), and ASan is in it
+    probe = "import fastopt._C as c, fastopt._host as h; print(c.__file__, h.__file__)"
+    where = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True)
+    assert where.returncode == 0, where.stderr[-3000:]
+    assert all(path.startswith(str(root)) for path in where.stdout.split()), where.stdout
+    tests = [str(TESTS / "test_cpp_backend.py"), str(TESTS / "test_tensor_lists.py")]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    _check(done, logs, " passed")
+    assert " failed" not in done.stdout, done.stdout[-3000:]
+
+
+def test_emulated_cuda_kernels_stay_inside_their_tensors(tmp_path):
+    if not EMULATE:
+        pytest.skip("emulated cases run where no GPU is present (CI)")
+    done = subprocess.run(
+        [sys.executable, str(TESTS / "cuda_sanitized_worker.py"), str(emulation_build(sanitize=True))],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=sanitized.asan_env(tmp_path),
+    )
+    _check(done, tmp_path, "sanitized emulation: clean")
