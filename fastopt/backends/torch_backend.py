@@ -87,7 +87,42 @@ def _wrap(ts: list[torch.Tensor]) -> TensorList:
     return TensorList([t.float() if t.dtype in _LOW_PRECISION else t for t in ts])
 
 
+def _flattened(
+    batch: list[list], small: int
+) -> tuple[list[list], list[tuple[torch.Tensor, list[torch.Tensor]]]]:
+    """The batch with its pieces of at most ``small`` elements replaced by one piece, whose
+    tensors are copies of theirs laid end to end, and (copy, pieces) of the tensors the step
+    writes, to be copied back after it.
+
+    On the CPU each ``_foreach`` op is a loop of one op per tensor, and each op costs a few
+    microseconds of dispatch: over many small tensors that, not the arithmetic, was most of
+    the step (10,000 x 100 fp32: ~440 ms, ~145 ms flattened; 1000 x 16k: ~117 ms, ~80 ms).
+    Larger pieces stay as they are: copying them costs more than the dispatch it saves."""
+    few = [piece for piece in batch if piece[0].numel() <= small]
+    if len(few) < 2:
+        return batch, []
+    columns = list(zip(*few))
+    flat = [None if col[0] is None else torch.cat([t.reshape(-1) for t in col]) for col in columns]
+    # the param (column 0) and the state (3 on); not the gradient and H u (1 and 2)
+    written = [
+        (flat[j], list(col)) for j, col in enumerate(columns) if j not in (1, 2) and flat[j] is not None
+    ]
+    return [piece for piece in batch if piece[0].numel() > small] + [flat], written
+
+
+def _copy_back(written: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
+    for whole, pieces in written:
+        parts = whole.split([t.numel() for t in pieces])
+        torch._foreach_copy_(pieces, [part.view(t.shape) for part, t in zip(parts, pieces)])
+
+
 def _step_batch(spec: Spec, scalars: StepScalars, batch: list[list], roles: list[str]) -> None:
+    if len(batch) > 1 and batch[0][0].device.type == "cpu":
+        batch, written = _flattened(batch, _batch_elements(batch[0][0]) // 8)
+        if written:
+            _step_batch(spec, scalars, batch, roles)
+            _copy_back(written)
+            return
     params, grads, hvps = [x[0] for x in batch], [x[1] for x in batch], [x[2] for x in batch]
     state = {r: [x[3 + j] for x in batch] for j, r in enumerate(roles)}
     # fp32 master weights, when kept, are the p the rule steps; the param gets them rounded
