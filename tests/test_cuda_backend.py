@@ -1,7 +1,9 @@
 """The CUDA C++ backend (fastopt._cuda) against the float64 torch backend.
 
 The GPU cases run where the extension is built and a GPU is present (the GPU machine; see
-bench/results/GPU_TESTS.md). Wherever nvcc is on PATH, GPU or not, csrc/*.cu is compiled
+bench/results/GPU_TESTS.md). Where no GPU is present the same cases run "emulated": the
+kernel source built for the CPU (tests/cuda_emulation.py), on CPU tensors, with one spec
+per compiled kernel instead of the whole family. Wherever nvcc is on PATH, GPU or not, csrc/*.cu is compiled
 (compile only) and the module itself is built, linked and loaded, and its kernel table
 checked against the whole family, so that CI catches CUDA code that no longer builds or
 links, and a rule left without a kernel. Tolerances as in test_triton_backend.py (same
