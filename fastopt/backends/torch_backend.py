@@ -96,8 +96,10 @@ def _flattened(
 
     On the CPU each ``_foreach`` op is a loop of one op per tensor, and each op costs a few
     microseconds of dispatch: over many small tensors that, not the arithmetic, was most of
-    the step (10,000 x 100 fp32: ~440 ms, ~145 ms flattened; 1000 x 16k: ~117 ms, ~80 ms).
-    Larger pieces stay as they are: copying them costs more than the dispatch it saves."""
+    the step. Adam fp32, this copy against none in interleaved rounds: 3.1-3.4x faster over
+    10,000 x 100, 1.9x over 4000 x 1k, 1.6x over 2000 x 4k, 1.3x over 1000 x 8k, 1.0-1.1x
+    over 1000 x 16k (the break-even). Larger pieces stay as they are: copying them costs
+    more than the dispatch it saves."""
     few = [piece for piece in batch if piece[0].numel() <= small]
     if len(few) < 2:
         return batch, []
