@@ -8,7 +8,8 @@ preloads its runtime, where any such access stops the process with a report:
 * the CPU extensions (``fastopt._C`` with every instruction-set build of its kernels, and
   ``fastopt._host``) under their own tests, test_cpp_backend.py and test_tensor_lists.py
   (ragged tails, chunk and piece boundaries, every storage dtype, threads, instruction
-  sets, the written-back gradients);
+  sets, the written-back gradients), and under the optimizer layer's test_torch_parity.py,
+  test_drop_in.py and test_reliability_amp.py;
 * the CUDA C++ kernels built for CPU emulation (tests/cuda_emulation.py), over ragged,
   chunk-crossing and unaligned tensors (tests/cuda_sanitized_worker.py).
 
@@ -49,7 +50,16 @@ def test_cpu_extensions_stay_inside_their_tensors(tmp_path):
     where = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True)
     assert where.returncode == 0, where.stderr[-3000:]
     assert all(path.startswith(str(root)) for path in where.stdout.split()), where.stdout
-    tests = [str(TESTS / "test_cpp_backend.py"), str(TESTS / "test_tensor_lists.py")]
+    # the extensions' own tests, and the optimizer layer over them: the torch.optim parity
+    # table, state edits, and AMP with gradients written back (shared and overlapping ones)
+    names = [
+        "test_cpp_backend",
+        "test_tensor_lists",
+        "test_torch_parity",
+        "test_drop_in",
+        "test_reliability_amp",
+    ]
+    tests = [str(TESTS / f"{name}.py") for name in names]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
         cwd=root,
