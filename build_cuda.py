@@ -131,9 +131,14 @@ def _jobs() -> int:
 # aliasing.
 EMULATION_FLAGS = ["-x", "c++", "-std=c++20", "-O2", "-fPIC", "-fno-strict-aliasing", "-pthread"]
 EMULATION_MACRO = "FASTOPT_CUDA_EMULATION"
-# --sanitize: AddressSanitizer in the emulated kernels, so that a read or write outside a
-# tensor (which on a GPU corrupts memory or faults far from its cause) stops with a report
-SANITIZE_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+# --sanitize: AddressSanitizer and UBSan in the emulated kernels, so that a read or write
+# outside a tensor (which on a GPU corrupts memory or faults far from its cause), or
+# undefined behaviour, stops with a report
+SANITIZE_FLAGS = [
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=undefined",
+    "-fno-omit-frame-pointer",
+]
 
 
 def compile_cu(
@@ -217,7 +222,8 @@ def cuda_extensions(need_cuda_torch: bool = True) -> list[Extension]:
 
 def emulation_extension(sanitize: bool = False) -> Extension:
     """fastopt._cuda built for CPU emulation (csrc/cuda_emulation.h), as a test build named
-    fastopt._cuda_emulated; ``sanitize``: with AddressSanitizer (load it with LD_PRELOAD)."""
+    fastopt._cuda_emulated; ``sanitize``: with AddressSanitizer (load it with LD_PRELOAD)
+    and UBSan."""
     import pybind11
 
     extra = SANITIZE_FLAGS if sanitize else []
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "--emulate", action="store_true", help="a test build whose kernels run on the CPU (needs --out)"
     )
     parser.add_argument(
-        "--sanitize", action="store_true", help="with --emulate: AddressSanitizer in the kernels"
+        "--sanitize", action="store_true", help="with --emulate: AddressSanitizer and UBSan in the kernels"
     )
     args = parser.parse_args(argv)
     out = None if args.out is None else args.out.resolve()  # (relative to the caller's directory)

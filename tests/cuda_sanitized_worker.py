@@ -54,6 +54,15 @@ def main(path: str) -> None:
     inv, found = torch.full((1,), 0.5), torch.zeros(1)
     cuda_backend.step(spec_, step_scalars(spec_, hyper, 1), params, grads, None, state,
                       grad_scale_ptr=inv, found_inf=found, unscale_grads=inv)  # fmt: skip
+    # stochastically rounded bf16 state (the value tests round to nearest, to compare), with
+    # host and with device scalars (the key then comes from the scalars tensor)
+    for spec_ in (shared.SUBSET[2][1], shared.SUBSET[9][1]):
+        for device_scalars in (False, True):
+            sc = step_scalars(spec_, shared.SUBSET[2][2], 3)
+            extra = {"scalars_tensor": cuda_backend._tables.scalars_tensor(sc, cpu)} if device_scalars else {}
+            state = {r: [torch.zeros(n, dtype=torch.bfloat16) for n in SIZES] for r in spec_.state_roles}
+            cuda_backend.step(spec_, sc, [torch.randn(n) for n in SIZES], [torch.randn(n) for n in SIZES], None,
+                              state, stochastic_rounding=True, **extra)  # fmt: skip
     norm = cuda_backend.global_grad_norm(grads + [g.to(torch.bfloat16) for g in grads])
     assert norm.isfinite().all()
     print("sanitized emulation: clean")

@@ -34,12 +34,14 @@ def _runtime(name: str) -> str:
 def asan_env(log_dir: Path, **extra: str) -> dict[str, str]:
     """The environment of a child process that loads ASan builds: ASan's runtime preloaded,
     and libstdc++ with it (else ASan cannot find the real ``__cxa_throw`` when an extension
-    throws, Python itself not being linked to libstdc++); reports go to files in
-    ``log_dir`` (pytest's capture would swallow them from stderr when the process aborts)."""
+    throws, Python itself not being linked to libstdc++); ASan's reports go to files in
+    ``log_dir`` (pytest's capture would swallow them from stderr when the process aborts).
+    UBSan, built in beside ASan, writes to stderr whatever its options say."""
     return dict(
         os.environ,
         LD_PRELOAD=f"{_runtime('libasan.so')} {_runtime('libstdc++.so')}",
         ASAN_OPTIONS=f"detect_leaks=0:log_path={log_dir / 'asan'}",
+        UBSAN_OPTIONS="print_stacktrace=1",
         **extra,
     )
 
@@ -77,13 +79,13 @@ def cached_build(kind: str, sources: list[str], make: Callable[[Path], list[str]
 
 
 def cpu_extensions() -> Path:
-    """A folder whose fastopt/ holds fastopt._C and fastopt._host built with ASan (every
-    instruction-set build of the kernels included)."""
+    """A folder whose fastopt/ holds fastopt._C and fastopt._host built with ASan and UBSan
+    (every instruction-set build of the kernels included)."""
 
     def make(work: Path) -> list[str]:
         return [
             "env",
-            "FASTOPT_SANITIZE=address",
+            "FASTOPT_SANITIZE=address,undefined",
             "FASTOPT_NO_CUDA=1",
             sys.executable,
             "setup.py",
@@ -95,7 +97,9 @@ def cpu_extensions() -> Path:
             str(work / "temp"),
         ]
 
-    out = cached_build("cpu", ["setup.py", "build_cuda.py", "csrc/*.cpp", "csrc/*.h"], make)
+    out = cached_build(
+        "cpu", ["setup.py", "build_cuda.py", "tests/sanitized.py", "csrc/*.cpp", "csrc/*.h"], make
+    )
     if not list((out / "fastopt").glob("_C*")):  # setup.py leaves out what fails to build
         raise RuntimeError("the ASan build of fastopt._C is missing (see setup.py's warnings)")
     return out

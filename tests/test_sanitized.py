@@ -13,8 +13,10 @@ preloads its runtime, where any such access stops the process with a report:
 * the CUDA C++ kernels built for CPU emulation (tests/cuda_emulation.py), over ragged,
   chunk-crossing and unaligned tensors (tests/cuda_sanitized_worker.py).
 
-A kernel made to read past its tensors (a block length or a vector access taken whole at
-a tensor's end) fails both with ASan's heap-buffer-overflow report.
+The builds carry UBSan too (stopping at its first report). A kernel made to read past its
+tensors (a block length or a vector access taken whole at a tensor's end) fails both with
+ASan's heap-buffer-overflow report; a stochastic-rounding key shifted past the width of an
+int fails with UBSan's.
 """
 
 from __future__ import annotations
@@ -33,10 +35,8 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="ASan preloading
 
 
 def _check(done: subprocess.CompletedProcess, log_dir, clean_mark: str) -> None:
-    found = sanitized.reports(log_dir)
-    assert not found and done.returncode == 0, (
-        (found or "")[:6000] + done.stdout[-3000:] + done.stderr[-3000:]
-    )
+    found = sanitized.reports(log_dir)  # (UBSan, built in beside ASan, reports on stderr)
+    assert not found and done.returncode == 0, found[:6000] + done.stderr[:6000] + done.stdout[-2000:]
     assert clean_mark in done.stdout
 
 
@@ -61,7 +61,9 @@ def test_cpu_extensions_stay_inside_their_tensors(tmp_path):
     ]
     tests = [str(TESTS / f"{name}.py") for name in names]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        # --capture=sys: what the sanitizers write to file descriptor 2 reaches us even
+        # when they stop the process in the middle of a test
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys", *tests],
         cwd=root,
         env=env,
         capture_output=True,
