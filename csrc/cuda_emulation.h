@@ -13,10 +13,8 @@
 
 #include <atomic>
 #include <barrier>
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>

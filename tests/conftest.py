@@ -91,9 +91,7 @@ def device_hooks(request):
         return
     if torch.cuda.is_available():
         pytest.skip("interpreted and emulated cases run where no GPU is present (CI)")
-    if backend == "triton":
-        from test_reliability_hostile import triton_interpreter as env
-    else:
-        from cuda_emulation import cuda_emulation as env
-    with env():
+    from test_reliability_hostile import kernel_env
+
+    with kernel_env("cpu", backend):
         yield torch.device("cpu"), backend

@@ -19,11 +19,10 @@ import contextlib
 
 import pytest
 import torch
-from cuda_emulation import cuda_emulation
 from helpers import HAS_CUDA, HAS_TRITON, KERNEL_TOL, small_grads, small_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_reliability_hostile import triton_interpreter
+from test_reliability_hostile import kernel_env
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopt
@@ -288,7 +287,5 @@ def _hook_targets():
             for b in ("triton", "cuda")
             if fastopt.backends.unavailable_reason(b) is None
         ]
-    targets = [(cuda_emulation(), torch.device("cpu"), "cuda")]
-    if HAS_TRITON:
-        targets.append((triton_interpreter(), torch.device("cpu"), "triton"))
-    return targets
+    backends = ["cuda", "triton"] if HAS_TRITON else ["cuda"]
+    return [(kernel_env("cpu", b), torch.device("cpu"), b) for b in backends]

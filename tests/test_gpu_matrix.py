@@ -15,13 +15,12 @@ torch rounds twice, which is within the same few ulps per operation.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 
 import numpy as np
 import pytest
 import torch
-from cuda_emulation import EMULATE, cuda_emulation
+from cuda_emulation import EMULATE
 from helpers import max_rel_err, run_backend_vs_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -54,13 +53,9 @@ TABLE = [(info, kw, target) for target in TARGETS for info, kw in _table(*target
 
 
 def _env(device: str, backend: str):
-    if device == "cpu" and backend == "triton":  # Triton's interpreter (see test_reliability_hostile)
-        from test_reliability_hostile import triton_interpreter
+    from test_reliability_hostile import kernel_env
 
-        return triton_interpreter()
-    if device == "cpu" and backend == "cuda":
-        return cuda_emulation()
-    return contextlib.nullcontext()
+    return kernel_env(device, backend)
 
 
 @pytest.mark.skipif(not TARGETS, reason="no GPU backend can run here")
