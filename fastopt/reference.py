@@ -49,12 +49,21 @@ def sutskever_mu(t: int, mu_max: float) -> float:
     return min(1.0 - 2.0 ** (-1.0 - math.log2(math.floor(t / 250) + 1)), mu_max)
 
 
+def unbiased_mass(base: float, k: int) -> float:
+    """1 - base^k, the weight an exponential mean started at zero has gathered after k
+    steps, evaluated without the cancellation that 1.0 - base**k suffers near base = 1
+    (log1p keeps the digits of ln base; expm1 those of the difference)."""
+    if base < 0.5:  # base^k <= 1/2 for k >= 1: no cancellation (and base - 1 is inexact)
+        return 1.0 - base**k
+    return -math.expm1(k * math.log1p(base - 1.0)) + 0.0  # (+ 0.0: no -0.0 at k = 0)
+
+
 def scheduled(schedule: Schedule, base: float, t: int, cap: float | None = None) -> float:
     """The decay parameter at step t under a schedule (Dozat section 3)."""
     if schedule == Schedule.CONSTANT:
         return base
     if schedule == Schedule.BIAS_CORRECTION:
-        return base * (1.0 - base ** (t - 1)) / (1.0 - base**t)
+        return base * unbiased_mass(base, t - 1) / unbiased_mass(base, t)
     if schedule == Schedule.TRUE_MEAN:
         return (t - 1) / t
     if schedule == Schedule.INCREASING:
@@ -133,8 +142,8 @@ class Reference:
                 r = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
                 alpha = alpha * r
                 # torch: l_t = sqrt(1 - nu^t) / (sqrt(v_raw) + eps), v_raw = v_hat (1 - nu^t)
-                v_raw = st.v * (1.0 - nu**t)
-                vbar = (np.sqrt(v_raw) + eps) / math.sqrt(1.0 - nu**t)
+                v_raw = st.v * unbiased_mass(nu, t)
+                vbar = (np.sqrt(v_raw) + eps) / math.sqrt(unbiased_mass(nu, t))
             else:
                 use_vbar = False
 
@@ -228,7 +237,7 @@ class Reference:
         if s.denominator == Denominator.SUM:
             return 1.0
         if s.nu_schedule == Schedule.BIAS_CORRECTION:
-            return 1.0 - float(hp["nu"]) ** t
+            return unbiased_mass(float(hp["nu"]), t)
         if s.nu_schedule == Schedule.TRUE_MEAN:
             return float(t)
         return 1.0

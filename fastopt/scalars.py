@@ -15,7 +15,7 @@ The formulas are written once, for a step ``t`` that is either an int (:func:`st
 on the host, in Python's float64 arithmetic) or a 0-dim float64 tensor
 (:class:`fastopt.device_scalars.DeviceScalars`: capturable steps keep t on the device, where
 reading it back would synchronize). Arithmetic operators and ``**`` serve both as they are;
-the few functions that do not (sqrt, floor, log2, min, a condition on t) go through the
+the few functions that do not (sqrt, floor, log2, expm1, min, a condition on t) go through the
 helpers below, which take math's function for a float and torch's for a tensor. A condition
 on t is therefore a :func:`_where` (both sides computed on the device), never an ``if``.
 """
@@ -69,6 +69,18 @@ def _unary(host: Callable[[Any], Any], device: Callable[[Any], Any]) -> Callable
 _sqrt = _unary(math.sqrt, torch.sqrt)
 _floor = _unary(math.floor, torch.floor)
 _log2 = _unary(math.log2, torch.log2)
+_expm1 = _unary(math.expm1, torch.expm1)
+
+
+def one_minus_power(base: float, t: Value) -> Value:
+    """1 - base^t for a decay rate ``base`` in [0, 1]: a bias correction's denominator.
+
+    Computed as -expm1(t ln base). The direct form cancels when base is close to 1: its
+    relative error grows to 2^-53 / (1 - base^t), 5e-10 at base = 1 - 1e-9 and t = 2, which
+    float64 params then carry into every update."""
+    if base <= 0.0:  # 0^t (no logarithm of 0): 1 - 0 from the first step on
+        return 1.0 - base**t
+    return 0.0 - _expm1(t * math.log(base))  # (not -expm1: 1 - base^0 is +0, not -0)
 
 
 def _minimum(x: Value, cap: float) -> Value:
@@ -153,10 +165,10 @@ def _momentum_coefficients(
     if sched == Schedule.CONSTANT:
         return mu, 1.0 - mu, (mu if nesterov else 1.0), ((1.0 - mu) if nesterov else 0.0)
     if sched == Schedule.BIAS_CORRECTION:
-        corr_t = 1.0 - mu**t
+        corr_t = one_minus_power(mu, t)
         if nesterov:
             # mu_{t+1} m_hat_t + (1 - mu_t) g with m_hat_t = m_t / (1 - mu^t)
-            return mu, 1.0 - mu, mu / (1.0 - mu ** (t + 1)), (1.0 - mu) / corr_t
+            return mu, 1.0 - mu, mu / one_minus_power(mu, t + 1), (1.0 - mu) / corr_t
         return mu, 1.0 - mu, 1.0 / corr_t, 0.0
     if sched == Schedule.TRUE_MEAN:
         # raw running sum S_t; the mean is S_t / t
@@ -189,7 +201,7 @@ def _denominator_coefficients(spec: Spec, h: dict[str, Any], t: Value) -> tuple[
         if sched == Schedule.CONSTANT:
             nu_t = nu
         elif sched == Schedule.BIAS_CORRECTION:
-            nu_t = nu * (1.0 - nu ** (t - 1)) / (1.0 - nu**t)
+            nu_t = nu * one_minus_power(nu, t - 1) / one_minus_power(nu, t)
         elif sched == Schedule.TRUE_MEAN:
             nu_t = (t - 1) / t
         else:
@@ -198,7 +210,7 @@ def _denominator_coefficients(spec: Spec, h: dict[str, Any], t: Value) -> tuple[
     if sched == Schedule.CONSTANT:
         return nu, 1.0 - nu, 1.0
     if sched == Schedule.BIAS_CORRECTION:
-        return nu, 1.0 - nu, 1.0 / (1.0 - nu**t)
+        return nu, 1.0 - nu, 1.0 / one_minus_power(nu, t)
     if sched == Schedule.TRUE_MEAN:
         return 1.0, 1.0, 1.0 / t
     if sched == Schedule.INCREASING:

@@ -4,12 +4,15 @@ itself against closed forms worked out by hand."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 from helpers import max_rel_err, run_backend_vs_reference
 from optim_db import cpu_backends
 
+import fastopt
 from fastopt import presets
 from fastopt.reference import Reference
 from fastopt.spec import Schedule, Spec, WeightDecay, family
@@ -167,3 +170,87 @@ def test_reference_nadam_first_step():
     )
     ref.step([np.array([g])])
     np.testing.assert_allclose(ref.params[0], [expected], rtol=1e-13)
+
+
+# ---- bias corrections with a decay rate close to 1 ------------------------------------------
+# 1 - beta^t written directly cancels: beta^t is rounded to 2^-53 and the difference keeps
+# 2^-53 / (1 - beta^t) of relative error, 5e-10 at beta = 1 - 1e-9 and t = 2. The scalars the
+# kernels get (fastopt.scalars) and the reference each compute it without that loss; both are
+# checked here against exact rational arithmetic on the same float64 inputs.
+NEAR_ONE = [0.0, 1e-300, 0.3, 0.5, 0.9, 0.999, 1.0 - 1e-7, 1.0 - 1e-9, 1.0 - 2.0**-40]
+# expm1 and log1p (or log) are each within an ulp, and t * ln(beta) adds one rounding
+ULPS_3 = 3 * 2.0**-52
+
+
+def _exact_mass(base: float, k: int) -> Fraction:
+    return 1 - Fraction(base) ** k
+
+
+@pytest.mark.parametrize("base", NEAR_ONE)
+def test_bias_correction_mass_is_exact_to_rounding(base):
+    from fastopt.reference import unbiased_mass
+    from fastopt.scalars import one_minus_power
+
+    for k in (1, 2, 3, 10, 1000):
+        exact = _exact_mass(base, k)
+        device = one_minus_power(base, torch.tensor(float(k), dtype=torch.float64))
+        for value in (one_minus_power(base, k), unbiased_mass(base, k), float(device)):
+            assert abs(Fraction(value) - exact) <= ULPS_3 * exact, (base, k, value, float(exact))
+    assert one_minus_power(base, 0) == unbiased_mass(base, 0) == 0.0
+    assert math.copysign(1.0, one_minus_power(base, 0)) == math.copysign(1.0, unbiased_mass(base, 0)) == 1.0
+
+
+def test_direct_bias_correction_loses_digits_near_one():
+    """Why the tests above are needed: the direct form misses the bound by orders of magnitude."""
+    base = 1.0 - 1e-9
+    exact = _exact_mass(base, 2)
+    assert abs(Fraction(1.0 - base**2) - exact) > 1e4 * ULPS_3 * exact
+
+
+# the rules with a bias-corrected mean and no square root, so that exact arithmetic can
+# follow them: Adam's denominator with the L1 norm, and Dozat's bias-corrected momentum
+_L1_DENOMINATOR = Spec(denominator=2, norm=1, nu_schedule=Schedule.BIAS_CORRECTION)
+_CORRECTED_MOMENTUM = Spec(momentum=1, momentum_input=0, mu_schedule=Schedule.BIAS_CORRECTION)
+
+
+def _exact_steps(spec: Spec, decay: float, lr: float, grads: list[float]) -> tuple[Fraction, Fraction]:
+    """The param after the steps from 0 and the sum of the steps' sizes, in exact arithmetic
+    on the float64 inputs."""
+    b, p, acc, moved = Fraction(decay), Fraction(0), Fraction(0), Fraction(0)
+    for t, g in enumerate(grads, 1):
+        g = Fraction(g)
+        if spec.denominator:  # v = b v + (1 - b)|g|; p -= lr g / (v / (1 - b^t))
+            acc = b * acc + (1 - b) * abs(g)
+            update = Fraction(lr) * g * (1 - b**t) / acc
+        else:  # m = b m + (1 - b) g; p -= lr m / (1 - b^t)
+            acc = b * acc + (1 - b) * g
+            update = Fraction(lr) * acc / (1 - b**t)
+        p -= update
+        moved += abs(update)
+    return p, moved
+
+
+@pytest.mark.parametrize("backend", ["reference", *cpu_backends()])
+@pytest.mark.parametrize("spec", [_L1_DENOMINATOR, _CORRECTED_MOMENTUM], ids=["l1-denominator", "momentum"])
+def test_float64_steps_with_decay_near_one_are_exact_to_rounding(backend, spec):
+    """Three float64 steps with mu or nu = 1 - 1e-9 against exact arithmetic. Each step
+    rounds about ten times, each relative to the step, and the param's sums round relative
+    to its size: 64 ulps of the total movement bound that. With the direct 1 - beta^t the
+    error is ~1e-10 of it."""
+    decay, lr = 1.0 - 1e-9, 1e-3
+    grads = [-2.7e-19, 2.2e9, 1.3]  # magnitudes far apart: the correction decides each step
+    hyper = dict(lr=lr, mu=decay, nu=decay, eps=0.0)
+    if backend == "reference":
+        ref = Reference(spec, hyper, [np.zeros(1)])
+        for g in grads:
+            ref.step([np.array([g])])
+        ours = float(ref.params[0][0])
+    else:
+        p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = fastopt.FusedOptimizer([p], spec=spec, backend=backend, **hyper)
+        for g in grads:
+            p.grad = torch.tensor([g], dtype=torch.float64)
+            opt.step()
+        ours = float(p.detach()[0])
+    exact, moved = _exact_steps(spec, decay, lr, grads)
+    assert abs(Fraction(ours) - exact) <= 64 * 2.0**-53 * moved, (ours, float(exact), float(moved))
