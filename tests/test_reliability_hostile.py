@@ -27,6 +27,7 @@ from optim_db import cpu_backends
 import fastopt
 from fastopt import backends, presets
 from fastopt.reference import Reference
+from fastopt.spec import Denominator, WeightDecay
 
 # every named rule the optimizer steps from gradients alone (egd needs a closure)
 PRESET_NAMES = sorted(n for n in presets.PRESETS if n != "egd")
@@ -84,8 +85,13 @@ def _dtype(device: str, backend: str) -> torch.dtype:
 
 
 # fp32: a few steps of ~20 roundings each, the relative error of each below 2^-24 ~ 6e-8;
-# cancellation (centered variance, p - step) is covered by measuring against |p| + |step|
+# cancellation (centered variance, p - step) is covered by measuring against |p| + |step|,
+# that of the L2-decayed gradient by its condition number (l2_condition)
 RTOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
+# the decayed gradient enters a step twice (numerator, and the denominator's root), and its
+# error stays in the state for the next steps: up to 3 steps, 8 times its relative error
+L2_ERROR_GROWTH = 8.0
 EXAMPLES = settings().max_examples * 10
 
 # hyperparameters at their edges, under fastopt's generic names
@@ -183,16 +189,33 @@ def _assert_untouched(opt, params, snap):
             torch.testing.assert_close(now[key][k], v, rtol=0, atol=0, equal_nan=True)
 
 
-def assert_same_as_reference(ours: np.ndarray, ref: np.ndarray, scale: np.ndarray, rtol: float) -> None:
+def assert_same_as_reference(
+    ours: np.ndarray, ref: np.ndarray, scale: np.ndarray, rtol: np.ndarray | float
+) -> None:
     """NaN and +-Inf exactly where the reference has them; finite values close, measured
     against ``scale``: the largest param or change the element has seen (p - step cancels,
-    and an earlier step's rounding stays as an absolute error)."""
+    and an earlier step's rounding stays as an absolute error). ``rtol``: per element, or
+    one for all."""
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref), err_msg="NaN positions differ")
     np.testing.assert_array_equal(np.isposinf(ours), np.isposinf(ref), err_msg="+Inf positions differ")
     np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref), err_msg="-Inf positions differ")
     fin = np.isfinite(ref)
     a, b = ours[fin], ref[fin]
-    np.testing.assert_array_less(np.abs(a - b), rtol * scale[fin] + 1e-300, err_msg="values differ")
+    bound = (np.broadcast_to(rtol, ref.shape) * scale)[fin] + 1e-300
+    np.testing.assert_array_less(np.abs(a - b), bound, err_msg="values differ")
+
+
+def l2_condition(grad: np.ndarray, param: np.ndarray, weight_decay: float) -> np.ndarray:
+    """How much g + weight_decay * p, the L2-decayed gradient, magnifies the rounding of its
+    terms: (|g| + wd |p|) / |g + wd p| (1 where nothing is added, inf where they cancel).
+    The backends add them in the param's dtype; where the sum nearly cancels, its relative
+    error is this times the dtype's, and a denominator built from it (nu = 0, or the first
+    step) passes that error on to the step."""
+    if weight_decay == 0.0:
+        return np.ones_like(grad)
+    with np.errstate(all="ignore"):
+        kappa = (np.abs(grad) + weight_decay * np.abs(param)) / np.abs(grad + weight_decay * param)
+    return np.nan_to_num(kappa, nan=1.0, posinf=np.inf)
 
 
 # ---- the fuzzed case ----------------------------------------------------------------------
@@ -323,6 +346,8 @@ def _run_case(case: Case) -> str:
     flat = [p for g in case.groups for p in g]
     refs = [Reference(spec, case.hyper, [p.detach().double().cpu().numpy().copy()]) for p, _, _ in flat]
     scales = [np.zeros(p.shape) for p, _, _ in flat]
+    conditions = [np.ones(p.shape) for p, _, _ in flat]  # the worst l2_condition so far
+    coupled_decay = spec.weight_decay == WeightDecay.L2 and spec.denominator != Denominator.NONE
     for step in range(case.steps):
         for gi, g in enumerate(case.groups):
             for pi, (p, _, shape) in enumerate(g):
@@ -342,11 +367,16 @@ def _run_case(case: Case) -> str:
             if p.grad is None:
                 np.testing.assert_array_equal(p.detach().double().cpu().numpy(), start)
                 continue
-            ref.step([p.grad.double().cpu().numpy()])
+            grad = p.grad.double().cpu().numpy()
+            if coupled_decay:
+                kappa = l2_condition(grad, start, float(case.hyper["weight_decay"]))
+                conditions[i] = np.maximum(conditions[i], kappa)
+            ref.step([grad])
             b = ref.params[0]
             seen = np.nan_to_num(np.abs(start) + np.abs(b) + np.abs(b - start), nan=0.0, posinf=0.0)
             scales[i] = np.maximum(scales[i], seen)
-            assert_same_as_reference(p.detach().double().cpu().numpy(), b, scales[i], RTOL[case.dtype])
+            rtol = np.maximum(RTOL[case.dtype], L2_ERROR_GROWTH * UNIT_ROUNDOFF[case.dtype] * conditions[i])
+            assert_same_as_reference(p.detach().double().cpu().numpy(), b, scales[i], rtol)
     return "stepped"
 
 
