@@ -161,6 +161,49 @@ PyObject* first_mismatch(PyObject*, PyObject* args) {
   return PyLong_FromLong(-1);
 }
 
+// cpu_addresses(tensors, numels): each tensor's data_ptr() as a list of ints when every
+// tensor is a contiguous CPU tensor with the first one's dtype and the number of elements
+// given for its index (numels: int64 bytes as numels() returns, or None to skip that check);
+// else None, and the caller looks at them in Python (to copy or to say what is wrong). The
+// CPU backend's checks of one role of a step in one call, not five passes.
+PyObject* cpu_addresses(PyObject*, PyObject* args) {
+  PyObject *list = nullptr, *sizes = nullptr;
+  if (!PyArg_ParseTuple(args, "OO", &list, &sizes)) return nullptr;
+  if (!plain_tensors(list, "tensors")) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(list);
+  const int64_t* expected = nullptr;
+  if (sizes != Py_None) {
+    if (!PyBytes_Check(sizes) || PyBytes_GET_SIZE(sizes) != n * static_cast<Py_ssize_t>(sizeof(int64_t))) {
+      Py_RETURN_NONE;
+    }
+    expected = reinterpret_cast<const int64_t*>(PyBytes_AS_STRING(sizes));
+  }
+  PyObject* out = PyList_New(n);
+  if (out == nullptr) return nullptr;
+  try {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      const at::Tensor& t = tensor_at(list, i);
+      const bool fits = t.layout() == c10::kStrided && t.device().is_cpu() && t.is_contiguous() &&
+                        t.scalar_type() == tensor_at(list, 0).scalar_type() &&
+                        (expected == nullptr || t.numel() == expected[i]);
+      PyObject* address = fits ? PyLong_FromVoidPtr(t.data_ptr()) : nullptr;
+      if (address == nullptr) {
+        Py_DECREF(out);
+        if (PyErr_Occurred()) return nullptr;
+        Py_RETURN_NONE;
+      }
+      PyList_SET_ITEM(out, i, address);
+    }
+  } catch (const std::exception&) {  // a tensor without storage
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+  }
+  return out;
+}
+
 PyMethodDef methods[] = {
     {"addresses", addresses, METH_O, "data_ptr() of each tensor, as int64 bytes (None: ask Python)."},
     {"numels", numels, METH_O, "numel() of each tensor, as int64 bytes (None: ask Python)."},
@@ -172,6 +215,9 @@ PyMethodDef methods[] = {
     {"first_mismatch", first_mismatch, METH_VARARGS,
      "first_mismatch(tensors, like): the first index whose tensor is not strided with like's dtype,\n"
      "device and shape; -1 if none (None: ask Python)."},
+    {"cpu_addresses", cpu_addresses, METH_VARARGS,
+     "cpu_addresses(tensors, numels): data_ptr() of each, when all are contiguous CPU tensors of one\n"
+     "dtype with the given element counts (int64 bytes, or None); else None."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -114,6 +114,32 @@ def test_disjoint_finds_any_shared_byte(lists):
     assert lists.disjoint([[wide[1:2]], [as_floats[4:5]]])
 
 
+def test_cpu_addresses_answers_only_for_contiguous_cpu_tensors_of_one_dtype(lists):
+    """The CPU backend's one-pass check: the addresses where every tensor fits, else None
+    (and the backend looks at them one by one, to copy or to say what is wrong)."""
+    base = torch.arange(24.0).reshape(4, 6)
+    good = [torch.zeros(5), base[1], torch.zeros(0), torch.zeros(())]
+    sizes = lists.numels(good)
+    if not lists.native():  # Python has nothing faster than the checks it falls back to
+        assert lists.cpu_addresses(good, sizes) is None
+        return
+    assert lists.cpu_addresses(good, sizes) == [t.data_ptr() for t in good]
+    assert lists.cpu_addresses(good, None) == [t.data_ptr() for t in good]
+    assert lists.cpu_addresses([], None) == []
+    wrong_size = sizes.copy()
+    wrong_size[1] += 1
+    for ts, sz in [
+        (good, wrong_size),  # a size other than the param's
+        (good, sizes[:2]),  # a size list of another length
+        ([*good[:3], base[:, 1]], sizes),  # not contiguous
+        ([*good[:3], torch.zeros((), dtype=torch.float64)], sizes),  # another dtype
+        ([*good[:3], torch.zeros((), device="meta")], sizes),  # not on the CPU
+        ([*good[:3], torch.zeros(()).as_subclass(Tagged)], sizes),  # a subclass: Python's to say
+        (tuple(good), sizes),  # not a list
+    ]:
+        assert lists.cpu_addresses(ts, sz) is None
+
+
 def test_subclasses_are_answered_by_python(lists):
     plain = torch.arange(6.0)
     tagged = plain.as_subclass(Tagged)

@@ -122,7 +122,17 @@ class _Role:
             raise ValueError(
                 f"fastopt cpp backend: {len(tensors)} tensors of role {role!r} for {len(sizes)} params"
             )
-        # whole-list passes (C++ where fastopt._host is built): no interpreter work per tensor
+        self.written = written
+        # (original, contiguous copy): the copies must outlive the call, the kernel only
+        # sees their addresses
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # the usual case (contiguous CPU tensors of one dtype, the params' sizes) in one C++ pass
+        dtype = tensors[0].dtype if tensors else None
+        fast = tensor_lists.cpu_addresses(tensors, sizes) if dtype in _DTYPE_CODES else None
+        if fast is not None:
+            self.code, self.ptrs = _DTYPE_CODES[dtype], fast
+            return
+        # else whole-list passes (C++ where fastopt._host is built) that find what is wrong
         if sizes is not None and not np.array_equal(tensor_lists.numels(tensors), sizes):
             raise ValueError(f"fastopt cpp backend: tensors of role {role!r} differ in size from the params")
         dtypes = set(map(_dtype, tensors))
@@ -133,10 +143,6 @@ class _Role:
             devices = sorted({str(t.device) for t in tensors})
             raise ValueError(f"fastopt cpp backend: role {role!r} is on {', '.join(devices)}, not the CPU")
         self.code = _DTYPE_CODES[dtype]
-        self.written = written
-        # (original, contiguous copy): the copies must outlive the call, the kernel only
-        # sees their addresses
-        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         if not tensor_lists.all_contiguous(tensors):
             stepped = []
             for t in tensors:
