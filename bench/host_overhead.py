@@ -15,7 +15,7 @@ launch replaced by nothing. Providers, side by side in interleaved rounds:
 * ``fastopt-cpp``, ``torch-fused``, ``torch-foreach``: whole CPU steps of Adam on 8-element
   params, host-bound too, for scale.
 
-Usage: ``python -m bench.host_overhead [--params 161,1000,10000] [--rounds 15]``; writes
+Usage: ``python -m bench.host_overhead [--params 8,161,1000,10000] [--rounds 15]``; writes
 ``host_overhead_cpu.csv`` and ``.png`` to ``--out`` (default bench/results).
 """
 
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.host_overhead", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--params", default="161,1000,10000", help="param counts, comma-separated")
+    parser.add_argument("--params", default="8,161,1000,10000", help="param counts, comma-separated")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", default=os.path.join("bench", "results"))
     args = parser.parse_args(argv)

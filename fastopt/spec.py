@@ -174,8 +174,9 @@ class Spec:
             raise SpecError(f"invalid Spec ({self.short()}): {problem}")
 
     # Which state tensors the rule keeps, by role. Backends and the optimizer layer use
-    # these names; presets map them onto torch.optim's state keys.
-    @property
+    # these names; presets map them onto torch.optim's state keys. (Cached: a step asks
+    # several times; a frozen dataclass keeps the value in its __dict__, outside eq and hash.)
+    @functools.cached_property
     def state_roles(self) -> tuple[str, ...]:
         roles = []
         if self.momentum != Momentum.NONE:
