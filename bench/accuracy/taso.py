@@ -337,10 +337,18 @@ def notes(plan: Plan) -> list[str]:
         if plan.train_subset
         else ""
     )
+    shorter = epochs_of(plan, 100) != 100
+    seeds = f"seeds {list(plan.seeds)}" + ("" if len(plan.seeds) == 5 else " instead of five runs")
+    if shorter:
+        first = (
+            f"{epochs_of(plan, 100)} epochs instead of 100 (Table VII: {epochs_of(plan, 25)} instead of 25) on "
+            f"{subset}{seeds}; TASO's sigmoid still spans the paper's epoch count, compressed onto the shorter "
+            "run (its lr drops at 70 % of training as in the paper)."
+        )
+    else:
+        first = f"The paper's epochs (100; Table VII: 25) on {subset or 'all training images, '}{seeds}."
     return [
-        f"{epochs_of(plan, 100)} epochs instead of 100 (Table VII: {epochs_of(plan, 25)} instead of 25) on {subset}"
-        f"seeds {list(plan.seeds)} instead of five runs; TASO's sigmoid still spans the paper's epoch count, compressed "
-        "onto the shorter run (its lr drops at 70 % of training as in the paper).",
+        first,
         "Default hyperparameters (paper, section V-A): Adagrad lr 0.05; RMSprop lr 0.0005, alpha 0.99, "
         "non-centered (Table II; the text's '0.00005' contradicts the table); Adam lr 0.0005 with AMSGrad, betas "
         "(0.9, 0.99); TASO: SGD lr_i 0.05, momentum 0.9 (no Nesterov), alpha 25, beta 0.7, lr_f = lr_i / 20, "
