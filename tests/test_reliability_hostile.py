@@ -91,7 +91,6 @@ def _dtype(device: str, backend: str) -> torch.dtype:
 # cancellation (centered variance, p - step) is covered by measuring against |p| + |step|,
 # that of the L2-decayed gradient by the error it can carry (l2_relative_error)
 RTOL = {torch.float64: 1e-9, torch.float32: 2e-4}
-UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
 # the decayed gradient enters a step twice (numerator, and the denominator's root), and its
 # error stays in the state for the next steps: up to 3 steps, 8 times its relative error.
 # From a relative error of 1 on, not even the sum's sign is known (nor whether it is 0, and
@@ -200,8 +199,8 @@ def assert_same_as_reference(
     """NaN and +-Inf exactly where the reference has them; finite values close, measured
     against ``scale``: the largest param or change the element has seen (p - step cancels,
     and an earlier step's rounding stays as an absolute error). ``rtol``: per element, or
-    one for all; an element whose rtol is inf is not compared (its inputs' rounding leaves
-    even its sign open)."""
+    one for all; an element whose rtol is inf is not compared (its sign is left open by its
+    inputs' rounding, or its value lies beyond the dtype's range)."""
     rtol = np.broadcast_to(rtol, ref.shape)
     known = np.isfinite(rtol)
     ours, ref, scale, rtol = ours[known], ref[known], scale[known], rtol[known]
@@ -386,7 +385,7 @@ def _run_case(case: Case) -> str:
             grad = p.grad.double().cpu().numpy()
             if coupled_decay:
                 apart = np.nan_to_num(start - ref.params[0], nan=0.0, posinf=0.0, neginf=0.0)
-                wd, unit = float(case.hyper["weight_decay"]), UNIT_ROUNDOFF[case.dtype]
+                wd, unit = float(case.hyper["weight_decay"]), torch.finfo(case.dtype).eps / 2
                 l2_errors[i] = np.maximum(l2_errors[i], l2_relative_error(grad, start, apart, wd, unit))
             ref.step([grad])
             b = ref.params[0]
