@@ -2,10 +2,10 @@
 
 :func:`update` is plain Python over an array-like type: it uses only ``+ - *  /``, unary
 minus and the three helpers :func:`sqrt`, :func:`maximum` and :func:`absolute`, which it
-looks up as module globals. The torch backend runs it on :class:`TensorList` (each
-operator one ``torch._foreach_*`` call over every tensor of the group); the Triton backend
-compiles the very same source with those helpers bound to Triton's, so the rule exists once
-for both. The C++ backends share ``csrc/update_math.h``, which mirrors this function line
+looks up as module globals. It runs as it is on torch tensors. The torch backend traces it
+with symbolic values into a program of in-place ``torch._foreach_*`` ops
+(:mod:`fastopt.backends.foreach_program`); the Triton backend compiles the very same source
+with those helpers bound to Triton's, so the rule exists once for both. The C++ backends share ``csrc/update_math.h``, which mirrors this function line
 for line. Upper-case arguments are the spec's switches (compile-time constants for Triton
 and C++); the rest are tensors or :class:`~fastopt.scalars.StepScalars` fields.
 
@@ -15,8 +15,6 @@ Integer codes of the switches are the enum values of :mod:`fastopt.spec`.
 from __future__ import annotations
 
 import math
-
-import torch
 
 
 def sqrt(x):
@@ -157,49 +155,3 @@ def switches(spec, scalars) -> dict[str, int]:
         MAXIMIZE=int(spec.maximize),
         SCALE_GRAD=int(scalars.grad_scale != 1.0),
     )
-
-
-class TensorList:
-    """A list of tensors with arithmetic done by torch's multi-tensor ``_foreach`` ops."""
-
-    __slots__ = ("ts",)
-
-    def __init__(self, ts: list[torch.Tensor]):
-        self.ts = ts
-
-    def _binary(self, other, op, scalar_op):
-        if isinstance(other, TensorList):
-            return TensorList(op(self.ts, other.ts))
-        return TensorList(scalar_op(self.ts, other))
-
-    def __add__(self, o):
-        return self._binary(o, torch._foreach_add, torch._foreach_add)
-
-    __radd__ = __add__
-
-    def __sub__(self, o):
-        return self._binary(o, torch._foreach_sub, torch._foreach_sub)
-
-    def __mul__(self, o):
-        return self._binary(o, torch._foreach_mul, torch._foreach_mul)
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, o):
-        return self._binary(o, torch._foreach_div, torch._foreach_div)
-
-    def __rtruediv__(self, o):
-        # scalar / list: o * reciprocal(list)
-        return TensorList(torch._foreach_mul(torch._foreach_reciprocal(self.ts), o))
-
-    def __neg__(self):
-        return TensorList(torch._foreach_neg(self.ts))
-
-    def sqrt(self):
-        return TensorList(torch._foreach_sqrt(self.ts))
-
-    def abs(self):
-        return TensorList(torch._foreach_abs(self.ts))
-
-    def maximum(self, o):
-        return TensorList(torch._foreach_maximum(self.ts, o.ts))

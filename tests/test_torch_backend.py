@@ -1,11 +1,11 @@
-"""The torch backend's batching on the CPU: small tensors stepped as one flat copy.
+"""The torch backend's batches: many tensors stepped by one program call.
 
-Each ``_foreach`` op on the CPU is one op per tensor, so the backend lays a batch's small
-tensors end to end in one copy per array, steps the copy and copies the results back
-(fastopt/backends/torch_backend.py). The rule is elementwise, so every element must come
-out exactly as when its tensor is stepped on its own: these tests compare a step over many
-tensors with one call per tensor, bit for bit, for the arrays each spec keeps, strided and
-empty tensors and low-precision storage included.
+The backend steps a group in batches of tensors (and slices of tensors bigger than a
+batch), each with one call of the rule's foreach program (fastopt/backends/torch_backend.py).
+The rule is elementwise, so every element must come out exactly as when its tensor is
+stepped on its own: these tests compare a step over many tensors with one call per tensor,
+bit for bit, for the arrays each spec keeps, strided and empty tensors and low-precision
+storage included.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from fastopt.backends import torch_backend
 from fastopt.scalars import step_scalars
 from fastopt.spec import Curvature, Spec
 
-# tiny, empty, strided (every other column of a matrix), one past the flattening size and
-# one split into pieces: flattened, left alone and sliced pieces in the same batches
-SIZES = [1, 0, 7, 300, 16384, 16385, 5000, 200_000, 3, 64]
+# tiny, empty, strided (every other column of a matrix), and one bigger than a batch
+# (torch_backend._CPU_BATCH_BYTES), split into pieces: whole tensors and slices in the same
+# batches, and batches of several tensors
+SIZES = [1, 0, 7, 300, 16384, 16385, 5000, 600_000, 3, 64]
 SPECS = {
     "adam": presets.spec("adam"),
     "amsgrad": presets.spec("amsgrad"),
@@ -97,28 +98,17 @@ def test_one_call_equals_one_call_per_tensor(name, p_dtype, s_dtype, master):
     )
 
 
-def test_small_tensors_are_flattened_and_written_back():
-    """The batches of many small tensors do go through one flat copy, and the results reach
-    the strided view without touching the columns around it."""
+def test_strided_views_are_stepped_in_place():
+    """The program updates the arrays it is given where they live: a param that is a view
+    (every other column of a matrix) gets its step, and the column beside it is untouched."""
     spec = SPECS["adam"]
     base = torch.randn(300, 2)
     other_column = base[:, 1].clone()
     params = [base[:, 0], torch.randn(5), torch.randn(6)]
     grads = [torch.ones(300), torch.ones(5), torch.ones(6)]
     state = {role: [torch.zeros_like(p) for p in params] for role in spec.state_roles}
-    calls = []
-    flattened = torch_backend._flattened
-
-    def spy(batch, small):
-        out = flattened(batch, small)
-        calls.append(len(out[1]))
-        return out
-
     before = [p.clone() for p in params]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch_backend, "_flattened", spy)
-        torch_backend.step(spec, step_scalars(spec, HYPER, 1), params, grads, None, state)
-    assert calls and calls[0] == 1 + len(spec.state_roles)  # the param and each state array
+    torch_backend.step(spec, step_scalars(spec, HYPER, 1), params, grads, None, state)
     assert torch.equal(base[:, 1], other_column)
     for p, b in zip(params, before):
         assert (p < b).all()  # a positive gradient moves every element down

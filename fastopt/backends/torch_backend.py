@@ -1,13 +1,16 @@
 """The portable backend: the rule of :mod:`fastopt.rule` run with torch's multi-tensor
-``_foreach`` ops, on any device torch supports. Low-precision params are stepped in fp32."""
+``_foreach`` ops, on any device torch supports, as the in-place program that
+:mod:`fastopt.backends.foreach_program` makes of it. Low-precision params are stepped in
+fp32."""
 
 from __future__ import annotations
 
 import torch
 
-from ..rule import TensorList, switches, update
+from ..rule import switches
 from ..scalars import StepScalars
 from ..spec import Spec
+from . import foreach_program
 
 name = "torch"
 # _foreach ops take any strides: the optimizer need not make contiguous copies for us
@@ -27,14 +30,16 @@ def supports(spec: Spec, device: torch.device, dtype: torch.dtype) -> str | None
     return None
 
 
-# Bytes per array in one batch: update() makes ~20 temporary lists of the batch's size
-# (fp32 for fp16/bf16 storage), so a step's extra memory is bounded by the batch, not by
-# the model. On the CPU the batch stays small enough (512 KiB) that the temporaries come
-# from the allocator's free lists and stay in cache: with 64 MiB batches every temporary
-# was a fresh mmap, page-faulted in, and Adam's step on 16M elements took 9 times longer.
-# On CUDA the caching allocator reuses blocks whatever their size, and larger batches
-# mean fewer launches.
-_CPU_BATCH_BYTES = 1 << 19
+# Bytes per array in one batch. The step's ops (fastopt/backends/foreach_program.py) run
+# one batch at a time, so the arrays of a batch stay in cache from one op to the next: on
+# the CPU that makes the step about twice as fast as torch's foreach Adam on one 16M
+# tensor, which streams the whole tensor through memory for every op. 1 MiB measured
+# best on one core (Adam, RMSprop and NAdam on 16M, 256 x 16k and 1000 x 4k, against
+# 512 KiB and 2 MiB; at 2 MiB NAdam's two temporaries no longer fit and its step on 16M
+# took three times as long). The few temporaries are bounded by the batch too. On CUDA
+# the caching allocator reuses blocks whatever their size, and larger batches mean fewer
+# launches.
+_CPU_BATCH_BYTES = 1 << 20
 _CUDA_BATCH_BYTES = 1 << 27
 
 
@@ -82,78 +87,32 @@ def _pieces(params, grads, hvps, state, roles, limit):
             yield [None if t is None else t[a : a + limit] for t in flat]
 
 
-def _wrap(ts: list[torch.Tensor]) -> TensorList:
-    # fp32 math for fp16/bf16 storage (params or state); rounded once when copied back
-    return TensorList([t.float() if t.dtype in _LOW_PRECISION else t for t in ts])
-
-
-def _flattened(
-    batch: list[list], small: int
-) -> tuple[list[list], list[tuple[torch.Tensor, list[torch.Tensor]]]]:
-    """The batch with its pieces of at most ``small`` elements replaced by one piece, whose
-    tensors are copies of theirs laid end to end, and (copy, pieces) of the tensors the step
-    writes, to be copied back after it.
-
-    On the CPU each ``_foreach`` op is a loop of one op per tensor, and each op costs a few
-    microseconds of dispatch: over many small tensors that, not the arithmetic, was most of
-    the step. Adam fp32, this copy against none in interleaved rounds: 3.1-3.4x faster over
-    10,000 x 100, 1.9x over 4000 x 1k, 1.6x over 2000 x 4k, 1.3x over 1000 x 8k, 1.0-1.1x
-    over 1000 x 16k (the break-even). Larger pieces stay as they are: copying them costs
-    more than the dispatch it saves."""
-    few = [piece for piece in batch if piece[0].numel() <= small]
-    if len(few) < 2:
-        return batch, []
-    columns = list(zip(*few))
-    flat = [None if col[0] is None else torch.cat([t.reshape(-1) for t in col]) for col in columns]
-    # the param (column 0) and the state (3 on); not the gradient and H u (1 and 2)
-    written = [
-        (flat[j], list(col)) for j, col in enumerate(columns) if j not in (1, 2) and flat[j] is not None
-    ]
-    return [piece for piece in batch if piece[0].numel() > small] + [flat], written
-
-
-def _copy_back(written: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
-    for whole, pieces in written:
-        parts = whole.split([t.numel() for t in pieces])
-        torch._foreach_copy_(pieces, [part.view(t.shape) for part, t in zip(parts, pieces)])
+def _wrap(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fp32 copies of fp16/bf16 storage (params or state), rounded once when copied back;
+    the list itself when it has none."""
+    if not any(t.dtype in _LOW_PRECISION for t in ts):
+        return ts
+    return [t.float() if t.dtype in _LOW_PRECISION else t for t in ts]
 
 
 def _step_batch(spec: Spec, scalars: StepScalars, batch: list[list], roles: list[str]) -> None:
-    if len(batch) > 1 and batch[0][0].device.type == "cpu":
-        batch, written = _flattened(batch, _batch_elements(batch[0][0]) // 8)
-        if written:
-            _step_batch(spec, scalars, batch, roles)
-            _copy_back(written)
-            return
     params, grads, hvps = [x[0] for x in batch], [x[1] for x in batch], [x[2] for x in batch]
     state = {r: [x[3 + j] for x in batch] for j, r in enumerate(roles)}
     # fp32 master weights, when kept, are the p the rule steps; the param gets them rounded
     master = state.get("master")
-    p_in = TensorList(list(master)) if master is not None else _wrap(params)
-    args = [_wrap(state[r]) if r in state else None for r in _ROLES]
-    out = update(
-        p_in,
+    work_p = master if master is not None else _wrap(params)
+    work = {r: _wrap(state[r]) for r in _ROLES if r in state}
+    run = foreach_program.program(switches(spec, scalars))
+    run(
+        work_p,
         _wrap(grads),
         _wrap(hvps) if hvps[0] is not None else None,
-        *args,
-        scalars.lr,
-        scalars.weight_decay,
-        scalars.decay_factor,
-        scalars.grad_scale,
-        scalars.m_decay,
-        scalars.m_weight,
-        scalars.m_out,
-        scalars.g_out,
-        scalars.v_decay,
-        scalars.v_weight,
-        scalars.v_scale,
-        scalars.eps,
-        **switches(spec, scalars),
+        *(work.get(r) for r in _ROLES),
+        **{name: getattr(scalars, name) for name in foreach_program.SCALARS},
     )
-    new_p, *new_state = out
-    if master is not None:
-        torch._foreach_copy_(master, new_p.ts)
-    torch._foreach_copy_(params, new_p.ts)
-    for role, value in zip(_ROLES, new_state):
-        if role in state:
-            torch._foreach_copy_(state[role], value.ts)
+    # the program updates the arrays it is given: copy back where they are fp32 copies
+    if work_p is not params:
+        torch._foreach_copy_(params, work_p)
+    for role, values in work.items():
+        if values is not state[role]:
+            torch._foreach_copy_(state[role], values)
