@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import linecache
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class Node:
     op: str
     args: list[Any]  # Nodes, and for 'const' the number
     is_list: bool
-    order: int  # position in the trace; a fused node takes the position of the op it ends
+    order: float  # position in the trace; a fused node takes the position of the op it ends
     name: str = ""  # inputs: the argument's name
 
 
@@ -172,7 +173,7 @@ class _Rewriter:
 
     @staticmethod
     def scalar(op: str, *args: Node) -> Node:
-        # after its arguments: the program computes scalars in order, before any list op reads them
+        # just after its arguments, so before the fused op that reads it
         return Node(op, list(args), False, max(a.order for a in args) + 1e-3)
 
     def run(self) -> dict[str, Node]:
@@ -185,7 +186,7 @@ class _Rewriter:
         uses = _uses(nodes, self.outputs)
         for n in nodes:
             if n.is_list:
-                new = self._fuse(n, lambda x: x.is_list and x.op not in ("input",) and uses[id(x)] == 1)
+                new = self._fuse(n, lambda x: x.is_list and x.op != "input" and uses[id(x)] == 1)
                 if new is not None:
                     self._replace(nodes, n, new)
                     return True
@@ -373,7 +374,10 @@ def compile_program(switches: dict[str, int], write_inputs: bool = True) -> tupl
     except _CrossRole:
         code = _generate(outputs, write_inputs=False)
     env: dict[str, Any] = {"torch": torch, "_sqrt": rule.sqrt}
-    exec(compile(code, f"<fastopt foreach program {switches}>", "exec"), env)
+    filename = f"<fastopt foreach program {sorted(switches.items())}, write_inputs={write_inputs}>"
+    exec(compile(code, filename, "exec"), env)
+    # a traceback through the program shows its lines, as for a file
+    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
     return env["run"], code
 
 
