@@ -47,7 +47,8 @@ void to_addresses(const py::handle& list, std::size_t expected, const char* role
 }
 
 void step(uint32_t switches, const py::sequence& scalars, const py::list& sizes, const py::sequence& ptrs,
-          const std::vector<int>& dtypes, int num_threads, std::optional<double> unscale_grads) {
+          const std::vector<int>& dtypes, int num_threads, std::optional<double> unscale_grads,
+          uint32_t rounding_seed) {
   if (py::len(ptrs) != cpu::NUM_ROLES || dtypes.size() != cpu::NUM_ROLES)
     throw py::value_error("ptrs and dtypes need one entry per role (see ROLES)");
   const StepScalars sc = to_scalars(scalars);
@@ -72,7 +73,7 @@ void step(uint32_t switches, const py::sequence& scalars, const py::list& sizes,
   const char* error;
   {
     py::gil_scoped_release no_gil;
-    error = cpu::step(switches, sc, group, num_threads, unscale_grads ? &*unscale_grads : nullptr);
+    error = cpu::step(switches, sc, group, num_threads, unscale_grads ? &*unscale_grads : nullptr, rounding_seed);
   }
   if (error != nullptr) throw py::value_error(error);
 }
@@ -107,12 +108,14 @@ PYBIND11_MODULE(_C, mod) {
 
   mod.def("step", &step, py::arg("switches"), py::arg("scalars"), py::arg("sizes"), py::arg("ptrs"),
           py::arg("dtypes"), py::arg("num_threads"), py::arg("unscale_grads") = py::none(),
+          py::arg("rounding_seed") = 0,
           "One step of the rule for every tensor of a group, in place.\n\n"
           "switches: fastopt.rule.switches() packed by SWITCH_SHIFTS; scalars: a StepScalars;\n"
           "sizes: elements per tensor; ptrs: per role of ROLES a list of addresses or None;\n"
           "dtypes: per role a DTYPES code; num_threads <= 0 means all cores; unscale_grads:\n"
           "None, or a factor the gradients are written back times after the step read them\n"
-          "(AMP's inverse loss scale; the gradients must not share memory).");
+          "(AMP's inverse loss scale; the gradients must not share memory); rounding_seed:\n"
+          "nonzero rounds bf16 state of fp32/fp16/master weights stochastically.");
   mod.def("sum_of_squares", &sum_of_squares, py::arg("dtype"), py::arg("sizes"), py::arg("ptrs"),
           py::arg("num_threads"),
           "The sum of the squares of every element of the tensors at ptrs (sizes elements each, one\n"

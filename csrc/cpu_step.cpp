@@ -36,10 +36,17 @@
 namespace fastopt {
 namespace cpu {
 
+// Stochastic rounding of bf16 state in a kernel call: element i of role r of the call gets
+// the random bits mix32(role_key(key, r) ^ (first + i)); key 0 rounds to nearest even.
+struct Rounding {
+  uint32_t key;
+  uint32_t first;  // the low half of the index of the call's first element in its tensor
+};
+
 // A rule kernel: math type T, state stored as S (T, or bf16 bits for fp32 math).
 template <typename T, typename S = T>
 using KernelFn = void (*)(int64_t n, T* p, const T* g, const T* h, S* m, S* v, S* vmax, S* gavg, S* u,
-                          const MathScalars<T>* sc);
+                          const MathScalars<T>* sc, Rounding rnd);
 
 // What one instruction-set build provides to the dispatcher.
 struct IsaImpl {
@@ -50,6 +57,7 @@ struct IsaImpl {
   int (*kernel_count)();
   void (*to_float)(int dtype, const void* src, float* dst, int64_t n);
   void (*from_float)(int dtype, const float* src, void* dst, int64_t n);
+  void (*to_bf16_stochastic)(const float* src, uint16_t* dst, int64_t n, uint32_t key, int64_t first);
 };
 
 // Everything outside FASTOPT_ISA_NS has internal linkage, so that no ISA build's copy of it
@@ -58,6 +66,9 @@ namespace {
 
 // Canonical switch codes: those a kernel is compiled for.
 constexpr uint32_t field(uint32_t code, int shift) { return static_cast<uint32_t>(switch_field(code, shift)); }
+
+// One role's rounding key from a tensor's.
+constexpr uint32_t role_key(uint32_t key, int role) { return key ^ (static_cast<uint32_t>(role) * 0x9e3779b9u); }
 
 constexpr bool kernel_valid(uint32_t c) {
   const uint32_t mom = field(c, SHIFT_MOMENTUM), in = field(c, SHIFT_MOMENTUM_INPUT);
@@ -134,30 +145,40 @@ namespace FASTOPT_ISA_NS {
 
 // ---- rule kernels ----------------------------------------------------------------------
 
-// One rule over n elements in place. Pointers of roles the switches do not use are never
-// touched. `__restrict` lets the compiler vectorize without runtime alias checks: the roles
-// are distinct tensors (h may equal g, both read-only).
 // How state is stored: as the math type, or as bf16 (uint16_t) for fp32 math, converted
 // in registers. Params, gradients and H u are always of the math type here.
+// With SR (bf16 only) a store rounds stochastically with the bits mix32(key ^ counter):
+// `key` is the role's rounding key and `counter` the element's.
 template <typename T, typename S>
 struct State {
   static T load(const S* s, int64_t i) { return s[i]; }
-  static void store(S* s, int64_t i, T x) { s[i] = x; }
+  template <bool SR>
+  static void store(S* s, int64_t i, T x, uint32_t, uint32_t) {
+    s[i] = x;
+  }
 };
 
 template <>
 struct State<float, uint16_t> {
   static float load(const uint16_t* s, int64_t i) { return bf16_to_float(s[i]); }
-  static void store(uint16_t* s, int64_t i, float x) { s[i] = float_to_bf16(x); }
+  template <bool SR>
+  static void store(uint16_t* s, int64_t i, float x, uint32_t key, uint32_t counter) {
+    if constexpr (SR) {
+      s[i] = bf16_stochastic(x, mix32(key ^ counter));
+    } else {
+      s[i] = float_to_bf16(x);
+    }
+  }
 };
 
 // One rule over n elements in place. Pointers of roles the switches do not use are never
 // touched. `__restrict` lets the compiler vectorize without runtime alias checks: the roles
-// are distinct tensors (h may equal g, both read-only).
-template <typename T, uint32_t SW, typename S>
-void kernel(int64_t n, T* __restrict p, const T* __restrict g, const T* __restrict h, S* __restrict m,
-            S* __restrict v, S* __restrict vmax, S* __restrict gavg, S* __restrict u,
-            const MathScalars<T>* scp) {
+// are distinct tensors (h may equal g, both read-only). SR: the loop that rounds bf16 state
+// stochastically, a loop of its own (a choice inside the loop kept it from vectorizing).
+template <typename T, uint32_t SW, typename S, bool SR>
+FASTOPT_INLINE void rule_loop(int64_t n, T* __restrict p, const T* __restrict g, const T* __restrict h,
+                              S* __restrict m, S* __restrict v, S* __restrict vmax, S* __restrict gavg,
+                              S* __restrict u, const MathScalars<T>& sc, Rounding rnd) {
   constexpr bool MOM = switch_field(SW, SHIFT_MOMENTUM) != 0;
   constexpr bool DEN = switch_field(SW, SHIFT_DENOMINATOR) != 0;
   constexpr bool AMS = DEN && switch_field(SW, SHIFT_AMSGRAD) != 0;
@@ -165,8 +186,10 @@ void kernel(int64_t n, T* __restrict p, const T* __restrict g, const T* __restri
   constexpr bool HVP = switch_field(SW, SHIFT_HVP) != 0;
   constexpr bool ADA = switch_field(SW, SHIFT_ADADELTA) != 0;
   using St = State<T, S>;
-  const MathScalars<T> sc = *scp;  // a local copy: provably not aliased by the stores
+  const uint32_t km = role_key(rnd.key, M), kv = role_key(rnd.key, V), kx = role_key(rnd.key, VMAX);
+  const uint32_t ka = role_key(rnd.key, GAVG), ku = role_key(rnd.key, U);
   for (int64_t i = 0; i < n; ++i) {
+    const uint32_t c = rnd.first + static_cast<uint32_t>(i);
     T pi = p[i], hi = T(0), mi = T(0), vi = T(0), vmi = T(0), gai = T(0), ui = T(0);
     if constexpr (HVP) hi = h[i];
     if constexpr (MOM) mi = St::load(m, i);
@@ -176,12 +199,25 @@ void kernel(int64_t n, T* __restrict p, const T* __restrict g, const T* __restri
     if constexpr (ADA) ui = St::load(u, i);
     update_packed<T, SW>(pi, g[i], hi, mi, vi, vmi, gai, ui, sc);
     p[i] = pi;
-    if constexpr (MOM) St::store(m, i, mi);
-    if constexpr (DEN) St::store(v, i, vi);
-    if constexpr (AMS) St::store(vmax, i, vmi);
-    if constexpr (CEN) St::store(gavg, i, gai);
-    if constexpr (ADA) St::store(u, i, ui);
+    if constexpr (MOM) St::template store<SR>(m, i, mi, km, c);
+    if constexpr (DEN) St::template store<SR>(v, i, vi, kv, c);
+    if constexpr (AMS) St::template store<SR>(vmax, i, vmi, kx, c);
+    if constexpr (CEN) St::template store<SR>(gavg, i, gai, ka, c);
+    if constexpr (ADA) St::template store<SR>(u, i, ui, ku, c);
   }
+}
+
+template <typename T, uint32_t SW, typename S>
+void kernel(int64_t n, T* p, const T* g, const T* h, S* m, S* v, S* vmax, S* gavg, S* u, const MathScalars<T>* scp,
+            Rounding rnd) {
+  const MathScalars<T> sc = *scp;  // a local copy: provably not aliased by the stores
+  if constexpr (sizeof(S) == 2) {  // bf16 state: rounded stochastically where a key is given
+    if (rnd.key != 0) {
+      rule_loop<T, SW, S, true>(n, p, g, h, m, v, vmax, gavg, u, sc, rnd);
+      return;
+    }
+  }
+  rule_loop<T, SW, S, false>(n, p, g, h, m, v, vmax, gavg, u, sc, rnd);
 }
 
 template <typename T, typename S, std::size_t... I>
@@ -229,9 +265,19 @@ void from_float(int dtype, const float* __restrict src, void* dst, int64_t n) {
   }
 }
 
+// bf16 with stochastic rounding: element i's random bits hash `key` (the launch's seed, the
+// tensor and the role) with its index first + i in the tensor, so they do not depend on how
+// the step is cut into chunks and threads.
+void to_bf16_stochastic(const float* __restrict src, uint16_t* __restrict dst, int64_t n, uint32_t key,
+                        int64_t first) {
+  // 32-bit counters, so that the loop vectorizes (the caller's key holds the high half)
+  const uint32_t lo = static_cast<uint32_t>(first);
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_stochastic(src[i], mix32(key ^ (lo + static_cast<uint32_t>(i))));
+}
+
 const IsaImpl* impl() {
   static const IsaImpl table = {FASTOPT_STR(FASTOPT_ISA_NS), &find_f32, &find_f64, &find_f32_bf16_state,
-                                &count, &to_float, &from_float};
+                                &count, &to_float, &from_float, &to_bf16_stochastic};
   return &table;
 }
 
@@ -506,10 +552,19 @@ struct Plan {
   KernelFn<float, uint16_t> kb;
   MathScalars<float> sf;
   MathScalars<double> sd;
-  bool unscale;  // write the gradients back times unscale_f (unscale_d for fp64)
+  uint32_t seed;  // nonzero: bf16 state of fp32 (or fp16, or master) weights rounded stochastically
+  bool unscale;   // write the gradients back times unscale_f (unscale_d for fp64)
   float unscale_f;
   double unscale_d;
 };
+
+// The stochastic-rounding key of tensor t in a launch seeded `seed`, for elements whose
+// index in the tensor has the high half of `index`'s (the counters are its low half).
+uint32_t tensor_key(uint32_t seed, int64_t t, int64_t index) {
+  const uint64_t ut = static_cast<uint64_t>(t), ui = static_cast<uint64_t>(index);
+  return mix32(mix32(seed) ^ mix32(static_cast<uint32_t>(ut) * 0x9e3779b9u + static_cast<uint32_t>(ut >> 32)) ^
+               mix32(static_cast<uint32_t>(ui >> 32)));
+}
 
 template <typename T>
 T* role_ptr(const Plan& pl, int role, int64_t t, int64_t begin) {
@@ -538,10 +593,23 @@ void run_blocks(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
       }
     }
     float* p = master ? arg[MASTER] : arg[P];
-    pl.kf(len, p, arg[G], arg[H], arg[M], arg[V], arg[VMAX], arg[GAVG], arg[U], &pl.sf);
+    pl.kf(len, p, arg[G], arg[H], arg[M], arg[V], arg[VMAX], arg[GAVG], arg[U], &pl.sf, Rounding{0, 0});
     for (int role : WRITTEN_ROLES) {
       if (role == P && master) continue;
-      if (pl.used[role] && grp.dtypes[role] != F32) pl.isa->from_float(grp.dtypes[role], buf[role], base[role], len);
+      if (!pl.used[role] || grp.dtypes[role] == F32) continue;
+      if (role != P && pl.seed != 0 && grp.dtypes[role] == BF16) {
+        // 32-bit counters: a block that crosses into the next 2^32 elements is two runs
+        for (int64_t done = 0; done < len;) {
+          const int64_t at = begin + b + done;
+          const int64_t room = static_cast<int64_t>((uint64_t{1} << 32) - static_cast<uint32_t>(at));
+          const int64_t k = std::min(len - done, room);
+          pl.isa->to_bf16_stochastic(buf[role] + done, reinterpret_cast<uint16_t*>(base[role]) + done, k,
+                                     role_key(tensor_key(pl.seed, t, at), role), at);
+          done += k;
+        }
+      } else {
+        pl.isa->from_float(grp.dtypes[role], buf[role], base[role], len);
+      }
     }
     if (master) pl.isa->from_float(grp.dtypes[P], arg[MASTER], base[P], len);
   }
@@ -553,16 +621,25 @@ void step_piece(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
     pl.kd(n, role_ptr<double>(pl, P, t, begin), role_ptr<double>(pl, G, t, begin),
           role_ptr<double>(pl, H, t, begin), role_ptr<double>(pl, M, t, begin), role_ptr<double>(pl, V, t, begin),
           role_ptr<double>(pl, VMAX, t, begin), role_ptr<double>(pl, GAVG, t, begin),
-          role_ptr<double>(pl, U, t, begin), &pl.sd);
+          role_ptr<double>(pl, U, t, begin), &pl.sd, Rounding{0, 0});
   } else if (pl.direct) {
     pl.kf(n, role_ptr<float>(pl, P, t, begin), role_ptr<float>(pl, G, t, begin), role_ptr<float>(pl, H, t, begin),
           role_ptr<float>(pl, M, t, begin), role_ptr<float>(pl, V, t, begin), role_ptr<float>(pl, VMAX, t, begin),
-          role_ptr<float>(pl, GAVG, t, begin), role_ptr<float>(pl, U, t, begin), &pl.sf);
+          role_ptr<float>(pl, GAVG, t, begin), role_ptr<float>(pl, U, t, begin), &pl.sf, Rounding{0, 0});
   } else if (pl.bf16_state) {
+    // the counters are 32-bit: a piece that crosses into the next 2^32 elements of its
+    // tensor is two calls, each with its own key
+    const int64_t room = static_cast<int64_t>((uint64_t{1} << 32) - static_cast<uint32_t>(begin));
+    if (pl.seed != 0 && n > room) {
+      step_piece(pl, t, begin, room);
+      step_piece(pl, t, begin + room, n - room);
+      return;
+    }
+    const Rounding rnd{pl.seed != 0 ? tensor_key(pl.seed, t, begin) : 0u, static_cast<uint32_t>(begin)};
     pl.kb(n, role_ptr<float>(pl, P, t, begin), role_ptr<float>(pl, G, t, begin), role_ptr<float>(pl, H, t, begin),
           role_ptr<uint16_t>(pl, M, t, begin), role_ptr<uint16_t>(pl, V, t, begin),
           role_ptr<uint16_t>(pl, VMAX, t, begin), role_ptr<uint16_t>(pl, GAVG, t, begin),
-          role_ptr<uint16_t>(pl, U, t, begin), &pl.sf);
+          role_ptr<uint16_t>(pl, U, t, begin), &pl.sf, rnd);
   } else {
     run_blocks(pl, t, begin, n);
   }
@@ -705,7 +782,7 @@ const char* sum_of_squares(int dtype, int64_t num_tensors, const int64_t* sizes,
 }
 
 const char* step(uint32_t switches, const StepScalars& scalars, const Group& group, int num_threads,
-                 const double* unscale_grads) {
+                 const double* unscale_grads, uint32_t rounding_seed) {
   Plan pl;
   pl.unscale = unscale_grads != nullptr;
   pl.unscale_d = pl.unscale ? *unscale_grads : 1.0;
@@ -740,6 +817,10 @@ const char* step(uint32_t switches, const StepScalars& scalars, const Group& gro
     if (dt != ((role == P || role == G || role == H) ? F32 : BF16)) pl.bf16_state = false;
   }
   if (pl.used[MASTER] && group.dtypes[MASTER] != F32) return "master weights must be fp32";
+  // stochastic rounding of bf16 state where the weights stepped are finer than bf16 (bf16
+  // weights round to nearest, state as params); it runs on the block path's conversions
+  const int weights = pl.used[MASTER] ? F32 : group.dtypes[P];
+  pl.seed = (weights == F32 || weights == F16) ? rounding_seed : 0;
   pl.kf = nullptr;
   pl.kd = nullptr;
   pl.kb = nullptr;

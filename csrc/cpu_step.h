@@ -32,10 +32,12 @@ struct Group {
 // `unscale_grads` set, every gradient element is also written back times *unscale_grads
 // (AMP's inverse loss scale) in the gradient's dtype, right after the step has read it:
 // the unscaling torch's fused optimizers leave in p.grad, without a second pass over memory.
-// The gradients must then not share memory. Returns null on success, else a static message
-// saying why nothing was done.
+// The gradients must then not share memory. A nonzero `rounding_seed` rounds bf16 state
+// stochastically where the weights stepped are fp32 or fp16 (a master, or the params),
+// with random bits that depend on the seed, the tensor, the role and the element only.
+// Returns null on success, else a static message saying why nothing was done.
 const char* step(uint32_t switches, const StepScalars& scalars, const Group& group, int num_threads,
-                 const double* unscale_grads = nullptr);
+                 const double* unscale_grads = nullptr, uint32_t rounding_seed = 0);
 
 // Whether a kernel is compiled for these switches and math in fp64 (else fp32).
 bool has_kernel(uint32_t switches, bool fp64);

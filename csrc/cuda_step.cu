@@ -202,14 +202,6 @@ __device__ __forceinline__ uint32_t mix(uint64_t x) {
   return static_cast<uint32_t>(x);
 }
 
-// fp32 -> bf16 bits with stochastic rounding: adding 16 random low bits before truncating
-// rounds up with probability equal to the discarded fraction (zero-mean rounding error).
-__device__ __forceinline__ uint16_t bf16_stochastic(float x, uint32_t bits) {
-  const uint32_t raw = float_bits(x);
-  if ((raw & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;  // NaN stays NaN
-  return static_cast<uint16_t>((raw + (bits & 0xffffu)) >> 16);
-}
-
 __device__ __forceinline__ uint16_t to16(float x, int dt) { return dt == BF16 ? float_to_bf16(x) : float_to_half(x); }
 
 struct Rounding {

@@ -317,6 +317,26 @@ FASTOPT_HD FASTOPT_INLINE uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(((x & 0x7fffffffu) > 0x7f800000u) ? 0x7fc0u : rounded);
 }
 
+// fp32 -> bf16 bits with stochastic rounding: adding 16 random low bits before truncating
+// rounds up with probability equal to the discarded fraction (zero-mean rounding error).
+// NaN stays NaN; a value within one bf16 ulp of the largest may round up to infinity.
+FASTOPT_HD FASTOPT_INLINE uint16_t bf16_stochastic(float x, uint32_t bits) {
+  const uint32_t raw = float_bits(x);
+  if ((raw & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+  return static_cast<uint16_t>((raw + (bits & 0xffffu)) >> 16);
+}
+
+// murmur3's 32-bit finalizer: random bits for stochastic rounding from a counter. 32-bit
+// multiplies only, so that a loop over elements vectorizes on the CPU.
+FASTOPT_HD FASTOPT_INLINE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  x ^= x >> 16;
+  return x;
+}
+
 FASTOPT_HD FASTOPT_INLINE float half_to_float(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t em = h & 0x7fffu;

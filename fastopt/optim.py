@@ -923,8 +923,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 options = dict(hooks, scalars_tensor=device_scalars.compute(t_device, group["lr"]))
                 if grad_scale != 1.0:  # the host path's multiplier (DTensor clipping)
                     options["grad_scale_ptr"] = torch.full((1,), grad_scale, device=plan.device)
-            elif hooked:  # the seed makes a resumed run round bf16 state as the original did
-                options = dict(hooks, seed=rounding_seed(bucket.t + 1, index))
+            else:  # the seed makes a resumed run round bf16 state as the original did
+                options = dict(hooks if hooked else {}, seed=rounding_seed(bucket.t + 1, index))
             if plan.unscale is not None:
                 options["unscale_grads"] = plan.unscale
             self._launch(plan.backend, spec, scalars, params, grads, hvps, state, options)

@@ -51,13 +51,15 @@ def test_cpu_extensions_stay_inside_their_tensors(tmp_path):
     assert where.returncode == 0, where.stderr[-3000:]
     assert all(path.startswith(str(root)) for path in where.stdout.split()), where.stdout
     # the extensions' own tests, and the optimizer layer over them: the torch.optim parity
-    # table, state edits, and AMP with gradients written back (shared and overlapping ones)
+    # table, state edits, AMP with gradients written back (shared and overlapping ones) and
+    # the stochastic rounding of bf16 state
     names = [
         "test_cpp_backend",
         "test_tensor_lists",
         "test_torch_parity",
         "test_drop_in",
         "test_reliability_amp",
+        "test_stochastic_rounding",
     ]
     tests = [str(TESTS / f"{name}.py") for name in names]
     done = subprocess.run(

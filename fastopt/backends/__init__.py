@@ -25,8 +25,12 @@ A backend is a module-level object with:
     Optional keywords: the cpp, triton and cuda backends take ``unscale_grads`` (a float
     for cpp, a one-element device tensor for the others), a factor each gradient is written
     back times once the step has read it: a GradScaler's unscaled ``p.grad`` without a
-    second pass. The gradients must then not share memory. triton and cuda also take the
-    device hooks described in :mod:`fastopt.backends.triton_backend`.
+    second pass. The gradients must then not share memory. Every backend takes ``seed``,
+    the stochastic-rounding seed of bf16 state (an int in [0, 2**31); None: a fresh one
+    from a process-wide counter): bf16 state of fp32 or fp16 weights (the params, or the
+    master) is rounded stochastically, as Adam's second moment needs (its per-step change
+    is below bf16's resolution, so rounding to nearest stalls it). triton and cuda also
+    take the device hooks described in :mod:`fastopt.backends.triton_backend`.
 
 Backends are looked up by name through :func:`get`; "auto" picks the fastest one that
 supports the group (:func:`choose`).

@@ -17,6 +17,7 @@ from .. import tensor_lists
 from ..rule import switches
 from ..scalars import StepScalars
 from ..spec import Spec
+from . import triton_backend as _seeds  # the stochastic-rounding seeds every backend shares
 
 name = "cpp"
 # Non-contiguous tensors are handled here (through contiguous copies), so the optimizer
@@ -169,11 +170,17 @@ def step(
     state: dict[str, list[torch.Tensor]],
     *,
     unscale_grads: float | None = None,
+    seed: int | None = None,
+    stochastic_rounding: bool | None = None,
 ) -> None:
     """One fused step of ``spec`` over the group, in place (see :mod:`fastopt.backends`).
 
     ``unscale_grads``: a factor (AMP's inverse loss scale) that each gradient is written back
     times once the step has read it, in the same pass; the gradients must not share memory.
+    ``seed``: the stochastic rounding of bf16 state (see :mod:`fastopt.backends`); the
+    random bits depend on the seed, the tensor's place in the list, the role and the
+    element only, not on the threads. ``stochastic_rounding=False`` rounds bf16 state to
+    nearest even instead (as the GPU backends' flag).
     """
     if not params:
         return
@@ -196,10 +203,21 @@ def step(
         [r.code if r is not None else 0 for r in roles],
         _num_threads(),
         None if unscale_grads is None else float(unscale_grads),
+        _rounding_key(seed, state) if stochastic_rounding is not False else 0,
     )
     for r in roles:
         if r is not None and r.copies:
             r.write_back()
+
+
+def _rounding_key(seed: int | None, state: dict[str, list[torch.Tensor]]) -> int:
+    """The extension's rounding seed: odd (never 0, which rounds to nearest) where some
+    state is bf16, else 0 (no seed is drawn from the counter for nothing)."""
+    if seed is not None:
+        seed = _seeds.check_seed(seed)
+    if not any(ts and ts[0].dtype == torch.bfloat16 for r, ts in state.items() if r != "master"):
+        return 0
+    return (_seeds._next_seed() if seed is None else seed) * 2 + 1
 
 
 def sum_of_squares(tensors: list[torch.Tensor]) -> float | None:

@@ -11,6 +11,7 @@ from ..rule import switches
 from ..scalars import StepScalars
 from ..spec import Spec
 from . import foreach_program
+from . import triton_backend as _seeds  # the stochastic-rounding seeds every backend shares
 
 name = "torch"
 # _foreach ops take any strides: the optimizer need not make contiguous copies for us
@@ -55,10 +56,23 @@ def step(
     grads: list[torch.Tensor],
     hvps: list[torch.Tensor] | None,
     state: dict[str, list[torch.Tensor]],
+    *,
+    seed: int | None = None,
+    stochastic_rounding: bool | None = None,
 ) -> None:
+    """One step over the group, in place (see :mod:`fastopt.backends`; ``seed``: the
+    stochastic rounding of bf16 state, which ``stochastic_rounding=False`` turns off)."""
+    if seed is not None:
+        seed = _seeds.check_seed(seed)
     if not params:
         return
     roles = list(state)
+    weights = state["master"][0].dtype if "master" in state else params[0].dtype
+    rounded = [r for r in _ROLES if r in state and state[r][0].dtype == torch.bfloat16]
+    if weights == torch.bfloat16 or not rounded or stochastic_rounding is False:
+        rounding = None  # bf16 weights: their state rounds to nearest, as they do
+    else:
+        rounding = _Rounding(_seeds._next_seed() if seed is None else seed, rounded)
     limit = _batch_elements(params[0])
     batch: list[list] = []
     size = 0
@@ -66,10 +80,29 @@ def step(
         batch.append(piece)
         size += piece[0].numel()
         if size >= limit:
-            _step_batch(spec, scalars, batch, roles)
+            _step_batch(spec, scalars, batch, roles, rounding)
             batch, size = [], 0
     if batch:
-        _step_batch(spec, scalars, batch, roles)
+        _step_batch(spec, scalars, batch, roles, rounding)
+
+
+class _Rounding:
+    """Stochastic rounding of a step's bf16 state: fp32 values plus 16 random low bits,
+    truncated, round up with probability equal to the discarded fraction. The bits come
+    from a generator seeded by (seed, batch, role): the same for the same step of the same
+    tensors, so a run resumed from a checkpoint rounds as the original did."""
+
+    def __init__(self, seed: int, roles: list[str]):
+        self.seed, self.roles, self.batches = seed, roles, 0
+
+    def store(self, dst: list[torch.Tensor], src: list[torch.Tensor], role: str) -> None:
+        gen = torch.Generator(device=src[0].device)
+        gen.manual_seed((self.seed * 0x9E3779B1 + self.batches * 0x85EBCA6B + _ROLES.index(role)) % 2**62)
+        for d, s in zip(dst, src):
+            noise = torch.randint(0, 1 << 16, s.shape, generator=gen, dtype=torch.int32, device=s.device)
+            # & ~0xFFFF: the low 16 bits cleared, so that copying to bf16 is exact
+            up = ((s.view(torch.int32) + noise) & ~0xFFFF).view(torch.float32)
+            d.copy_(torch.where(s.isnan(), s, up))  # a NaN's bits plus noise could read as inf
 
 
 def _pieces(params, grads, hvps, state, roles, limit):
@@ -95,7 +128,9 @@ def _wrap(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.float() if t.dtype in _LOW_PRECISION else t for t in ts]
 
 
-def _step_batch(spec: Spec, scalars: StepScalars, batch: list[list], roles: list[str]) -> None:
+def _step_batch(
+    spec: Spec, scalars: StepScalars, batch: list[list], roles: list[str], rounding: _Rounding | None
+) -> None:
     params, grads, hvps = [x[0] for x in batch], [x[1] for x in batch], [x[2] for x in batch]
     state = {r: [x[3 + j] for x in batch] for j, r in enumerate(roles)}
     # fp32 master weights, when kept, are the p the rule steps; the param gets them rounded
@@ -114,5 +149,9 @@ def _step_batch(spec: Spec, scalars: StepScalars, batch: list[list], roles: list
     if work_p is not params:
         torch._foreach_copy_(params, work_p)
     for role, values in work.items():
-        if values is not state[role]:
+        if rounding is not None and role in rounding.roles:
+            rounding.store(state[role], values, role)
+        elif values is not state[role]:
             torch._foreach_copy_(state[role], values)
+    if rounding is not None:
+        rounding.batches += 1
