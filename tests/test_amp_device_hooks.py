@@ -19,7 +19,14 @@ import contextlib
 
 import pytest
 import torch
-from helpers import HAS_CUDA, HAS_TRITON, KERNEL_TOL, small_grads, small_params
+from helpers import (
+    HAS_CUDA,
+    HAS_TRITON,
+    KERNEL_TOL,
+    assert_bf16_state_resumes_bit_identically,
+    small_grads,
+    small_params,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_reliability_hostile import kernel_env
@@ -190,35 +197,7 @@ def test_grad_scaler_end_to_end(device, backend):
 
 
 def test_bf16_state_resumes_bit_identically(device, backend, tmp_path):
-    """Stochastically rounded bf16 state draws its rounding from (step, group): a run saved
-    at step 3 and resumed in a fresh optimizer equals the uninterrupted run bit for bit."""
-
-    def make(params):
-        return fastopt.Adam(params, lr=1e-2, backend=backend, state_dtype=torch.bfloat16)
-
-    def run(params, opt, steps):
-        for step in steps:
-            for p, g in zip(params, small_grads(step, device)):
-                p.grad = g
-            opt.step()
-
-    full = small_params(device)
-    full_opt = make(full)
-    run(full, full_opt, range(6))
-    part = small_params(device)
-    part_opt = make(part)
-    run(part, part_opt, range(3))
-    torch.save({"params": [p.detach() for p in part], "opt": part_opt.state_dict()}, tmp_path / "ckpt.pt")
-    saved = torch.load(tmp_path / "ckpt.pt")
-    resumed = [p.detach().clone().requires_grad_() for p in saved["params"]]
-    opt = make(resumed)
-    opt.load_state_dict(saved["opt"])
-    run(resumed, opt, range(3, 6))
-    for p, q in zip(full, resumed):
-        assert torch.equal(p, q)
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert opt.state[q][key].dtype == torch.bfloat16
-            assert torch.equal(full_opt.state[p][key], opt.state[q][key]), key
+    assert_bf16_state_resumes_bit_identically(backend, device, tmp_path)
 
 
 def test_no_event_wait_while_a_graph_is_captured(monkeypatch):

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_bf16_state_resumes_bit_identically
 from optim_db import cpu_backends
 
 import fastopt
@@ -118,36 +119,4 @@ def test_bad_seed_is_refused(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_state_resumes_bit_identically(backend, tmp_path):
-    """The optimizer seeds each step's rounding from (step, group): a run saved at step 3
-    and resumed in a fresh optimizer equals the uninterrupted run bit for bit."""
-    gen = torch.Generator().manual_seed(5)
-    shapes = [(300,), (7, 9)]
-    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
-    start = [torch.randn(s, generator=gen) for s in shapes]
-
-    def make(params):
-        return fastopt.Adam(params, lr=1e-2, backend=backend, state_dtype=torch.bfloat16)
-
-    def run(params, opt, steps):
-        for t in steps:
-            for p, g in zip(params, grads[t]):
-                p.grad = g.clone()
-            opt.step()
-
-    full = [p.clone().requires_grad_() for p in start]
-    full_opt = make(full)
-    run(full, full_opt, range(6))
-    part = [p.clone().requires_grad_() for p in start]
-    part_opt = make(part)
-    run(part, part_opt, range(3))
-    torch.save({"params": [p.detach() for p in part], "opt": part_opt.state_dict()}, tmp_path / "ckpt.pt")
-    saved = torch.load(tmp_path / "ckpt.pt")
-    resumed = [p.clone().requires_grad_() for p in saved["params"]]
-    opt = make(resumed)
-    opt.load_state_dict(saved["opt"])
-    run(resumed, opt, range(3, 6))
-    for p, q in zip(full, resumed):
-        assert torch.equal(p, q)
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert opt.state[q][key].dtype == torch.bfloat16
-            assert torch.equal(full_opt.state[p][key], opt.state[q][key]), key
+    assert_bf16_state_resumes_bit_identically(backend, "cpu", tmp_path)
