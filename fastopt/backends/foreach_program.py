@@ -393,6 +393,11 @@ def source(switches: dict[str, int]) -> str:
     return _cached(tuple(sorted(switches.items())))[1]
 
 
+def op_count(switches: dict[str, int]) -> int:
+    """How many foreach ops :func:`program` runs for these switches."""
+    return source(switches).count("torch._foreach_")
+
+
 @functools.cache
 def _cached(key: tuple[tuple[str, int], ...]) -> tuple[Callable[..., None], str]:
     return compile_program(dict(key))

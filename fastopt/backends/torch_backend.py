@@ -5,6 +5,9 @@ fp32."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 import torch
 
 from ..rule import switches
@@ -73,17 +76,20 @@ def step(
         rounding = None  # bf16 weights: their state rounds to nearest, as they do
     else:
         rounding = _Rounding(_seeds._next_seed() if seed is None else seed, rounded)
-    limit = _batch_elements(params[0])
+    switched = switches(spec, scalars)
+    run = foreach_program.program(switched)
+    # one op (plain SGD) reuses nothing from cache: slices would only add calls
+    limit = _batch_elements(params[0]) if foreach_program.op_count(switched) > 1 else sys.maxsize
     batch: list[list] = []
     size = 0
     for piece in _pieces(params, grads, hvps, state, roles, limit):
         batch.append(piece)
         size += piece[0].numel()
         if size >= limit:
-            _step_batch(spec, scalars, batch, roles, rounding)
+            _step_batch(run, scalars, batch, roles, rounding)
             batch, size = [], 0
     if batch:
-        _step_batch(spec, scalars, batch, roles, rounding)
+        _step_batch(run, scalars, batch, roles, rounding)
 
 
 class _Rounding:
@@ -129,7 +135,11 @@ def _wrap(ts: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _step_batch(
-    spec: Spec, scalars: StepScalars, batch: list[list], roles: list[str], rounding: _Rounding | None
+    run: Callable[..., None],
+    scalars: StepScalars,
+    batch: list[list],
+    roles: list[str],
+    rounding: _Rounding | None,
 ) -> None:
     params, grads, hvps = [x[0] for x in batch], [x[1] for x in batch], [x[2] for x in batch]
     state = {r: [x[3 + j] for x in batch] for j, r in enumerate(roles)}
@@ -137,7 +147,6 @@ def _step_batch(
     master = state.get("master")
     work_p = master if master is not None else _wrap(params)
     work = {r: _wrap(state[r]) for r in _ROLES if r in state}
-    run = foreach_program.program(switches(spec, scalars))
     run(
         work_p,
         _wrap(grads),
