@@ -559,11 +559,13 @@ struct Plan {
 };
 
 // The stochastic-rounding key of tensor t in a launch seeded `seed`, for elements whose
-// index in the tensor has the high half of `index`'s (the counters are its low half).
+// index in the tensor has the high half of `index`'s (the counters are its low half). Odd:
+// a kernel takes key 0 for rounding to nearest.
 uint32_t tensor_key(uint32_t seed, int64_t t, int64_t index) {
   const uint64_t ut = static_cast<uint64_t>(t), ui = static_cast<uint64_t>(index);
   return mix32(mix32(seed) ^ mix32(static_cast<uint32_t>(ut) * 0x9e3779b9u + static_cast<uint32_t>(ut >> 32)) ^
-               mix32(static_cast<uint32_t>(ui >> 32)));
+               mix32(static_cast<uint32_t>(ui >> 32))) |
+         1u;
 }
 
 template <typename T>
@@ -818,7 +820,8 @@ const char* step(uint32_t switches, const StepScalars& scalars, const Group& gro
   }
   if (pl.used[MASTER] && group.dtypes[MASTER] != F32) return "master weights must be fp32";
   // stochastic rounding of bf16 state where the weights stepped are finer than bf16 (bf16
-  // weights round to nearest, state as params); it runs on the block path's conversions
+  // weights round to nearest, state as params): in the bf16-state kernels' stores, or in
+  // the block path's conversions
   const int weights = pl.used[MASTER] ? F32 : group.dtypes[P];
   pl.seed = (weights == F32 || weights == F16) ? rounding_seed : 0;
   pl.kf = nullptr;

@@ -395,9 +395,10 @@ def source(switches: dict[str, int]) -> str:
 
 def op_count(switches: dict[str, int]) -> int:
     """How many foreach ops :func:`program` runs for these switches."""
-    return source(switches).count("torch._foreach_")
+    return _cached(tuple(sorted(switches.items())))[2]
 
 
 @functools.cache
-def _cached(key: tuple[tuple[str, int], ...]) -> tuple[Callable[..., None], str]:
-    return compile_program(dict(key))
+def _cached(key: tuple[tuple[str, int], ...]) -> tuple[Callable[..., None], str, int]:
+    run, code = compile_program(dict(key))
+    return run, code, code.count("torch._foreach_")
