@@ -126,15 +126,13 @@ def test_launch_configuration_changes_no_bit():
         _assert_bitwise(runs[0], other)
 
 
-def test_stochastic_rounding_stays_within_bf16_rounding():
-    """bf16 state of fp32 (or master) weights on the GPU kernels is stochastically rounded,
+@pytest.mark.parametrize("device,backend", TARGETS, ids=[f"{d}-{b}" for d, b in TARGETS])
+def test_stochastic_rounding_stays_within_bf16_rounding(device, backend):
+    """bf16 state of fp32 (or master) weights is stochastically rounded on every backend,
     by default, with a seed drawn from the step number and the group: two runs are
-    bit-identical (a resumed run too: tests/test_amp_device_hooks.py), and agree with fp32
-    state to the bf16 rounding of the state (2^-8 relative per step)."""
-    gpu = [(d, b) for d, b in TARGETS if b in ("triton", "cuda")]
-    if not gpu:
-        pytest.skip("no backend with stochastic rounding runs here")
-    device, backend = gpu[0]
+    bit-identical (a resumed run too: tests/test_stochastic_rounding.py and
+    tests/test_amp_device_hooks.py), and agree with fp32 state to the bf16 rounding of the
+    state (2^-8 relative per step)."""
     with _env(device, backend):
         a = _run(device, backend, torch.float32, state_dtype=torch.bfloat16)
         b = _run(device, backend, torch.float32, state_dtype=torch.bfloat16)
