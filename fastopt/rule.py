@@ -14,6 +14,7 @@ Integer codes of the switches are the enum values of :mod:`fastopt.spec`.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 
@@ -135,6 +136,10 @@ def update(
         u = u * v_decay + s * v_weight * s
     p = p - step
     return p, m, v, vmax, gavg, u
+
+
+# update()'s switches, in order: its upper-case arguments
+SWITCHES = tuple(n for n in inspect.signature(update).parameters if n.isupper())
 
 
 def switches(spec, scalars) -> dict[str, int]:

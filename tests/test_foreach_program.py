@@ -29,7 +29,7 @@ SIZES = [5, 1, 0, 33]
 
 
 def _switches() -> st.SearchStrategy[dict[str, int]]:
-    names = [n for n in foreach_program.rule_switches() if n not in SWITCH_VALUES]
+    names = [n for n in rule.SWITCHES if n not in SWITCH_VALUES]
     return st.fixed_dictionaries(
         {
             **{n: st.sampled_from(v) for n, v in SWITCH_VALUES.items()},
@@ -71,7 +71,7 @@ def _by_rule(arrays, switches):
 
 def _by_program(arrays, switches, run=None):
     work = {n: [t.clone() for t in ts] for n, ts in arrays.items()}
-    (run or foreach_program.program(switches))(*(work[n] for n in foreach_program.LIST_INPUTS), **SCALARS)
+    (run or foreach_program.program(switches).run)(*(work[n] for n in foreach_program.LIST_INPUTS), **SCALARS)
     return work
 
 

@@ -22,13 +22,12 @@ a few units in the last place per step, well inside what the tests allow a backe
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import linecache
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -58,13 +57,10 @@ class Node:
 
 @dataclass
 class _Trace:
-    nodes: list[Node] = field(default_factory=list)
     counter: itertools.count = field(default_factory=itertools.count)
 
     def node(self, op: str, args: list[Any], is_list: bool, name: str = "") -> Node:
-        n = Node(op, args, is_list, next(self.counter), name)
-        self.nodes.append(n)
-        return n
+        return Node(op, args, is_list, next(self.counter), name)
 
 
 class _Sym:
@@ -133,13 +129,13 @@ class _Sym:
         return self._binary("max", self.node, self._lift(o))
 
 
-def trace(switches: dict[str, int]) -> tuple[list[Node], dict[str, Node]]:
-    """update() traced for these switches: its nodes and the node of each output."""
+def trace(switches: dict[str, int]) -> dict[str, Node]:
+    """update() traced for these switches: the node of each output."""
     tr = _Trace()
     lists = {n: _Sym(tr, tr.node("input", [], True, n)) for n in LIST_INPUTS}
     scalars = {n: _Sym(tr, tr.node("input", [], False, n)) for n in SCALARS}
     out = rule.update(**lists, **scalars, **switches)
-    return tr.nodes, {name: sym.node for name, sym in zip(OUTPUTS, out)}
+    return {name: sym.node for name, sym in zip(OUTPUTS, out)}
 
 
 # ---- rewriting ---------------------------------------------------------------------------
@@ -324,13 +320,15 @@ def _generate(outputs: dict[str, Node], write_inputs: bool) -> str:
             continue
         if n.op == "rdiv":  # k / x: reciprocal, then times k
             k, x = args
-            body_in_place = writable(x, i)
-            var = name[id(x)] if body_in_place else f"t{next(temps)}"
-            call = "_foreach_reciprocal_" if body_in_place else f"{var} = torch._foreach_reciprocal"
-            body.append(f"{'torch.' if body_in_place else ''}{call}({name[id(x)]})")
+            if writable(x, i):
+                var, where = name[id(x)], home[id(x)]
+                body.append(f"torch._foreach_reciprocal_({var})")
+            else:
+                var = where = f"t{next(temps)}"
+                body.append(f"{var} = torch._foreach_reciprocal({name[id(x)]})")
             if not (k.op == "const" and k.args[0] == 1.0):
                 body.append(f"torch._foreach_mul_({var}, {name[id(k)]})")
-            name[id(n)], home[id(n)] = var, home[id(x)] if body_in_place else var
+            name[id(n)], home[id(n)] = var, where
             continue
         if n.op in _COMMUTATIVE and args[1].is_list and not writable(args[0], i) and writable(args[1], i):
             args = [args[1], args[0]]
@@ -357,17 +355,11 @@ def _generate(outputs: dict[str, Node], write_inputs: bool) -> str:
     return f"def run({args}):\n" + "".join(f"    {line}\n" for line in body or ["pass"])
 
 
-def rule_switches() -> tuple[str, ...]:
-    """The names of update()'s switches (its upper-case arguments)."""
-    return tuple(n for n in inspect.signature(rule.update).parameters if n.isupper())
-
-
 def compile_program(switches: dict[str, int], write_inputs: bool = True) -> tuple[Callable[..., None], str]:
     """The program for these switches and its source. With ``write_inputs=False`` only
     temporaries are written in place and every output is copied into its array at the end
     (the plan taken when writing in place would leave an output in another's storage)."""
-    _, outputs = trace(switches)
-    outputs = _Rewriter(outputs).run()
+    outputs = _Rewriter(trace(switches)).run()
     outputs = {role: n for role, n in outputs.items() if not (n.op == "input" and n.name == role)}
     try:
         code = _generate(outputs, write_inputs)
@@ -381,24 +373,28 @@ def compile_program(switches: dict[str, int], write_inputs: bool = True) -> tupl
     return env["run"], code
 
 
-def program(switches: dict[str, int]) -> Callable[..., None]:
+class Program(NamedTuple):
     """``run(P, G, H, M, V, VMAX, GAVG, U, lr, ..., eps)``: one step of the rule on lists of
     tensors, leaving the new param and state in P, M, V, VMAX, GAVG and U. G and H are only
-    read; an array the switches do not use may be None. Compiled once per set of switches."""
-    return _cached(tuple(sorted(switches.items())))[0]
+    read; an array the switches do not use may be None. ``source``: its Python source;
+    ``ops``: how many foreach ops it runs."""
+
+    run: Callable[..., None]
+    source: str
+    ops: int
+
+
+def program(switches: dict[str, int]) -> Program:
+    """The program for these switches, compiled once per set of switches."""
+    return _cached(tuple(sorted(switches.items())))
 
 
 def source(switches: dict[str, int]) -> str:
     """The Python source of :func:`program` for these switches."""
-    return _cached(tuple(sorted(switches.items())))[1]
-
-
-def op_count(switches: dict[str, int]) -> int:
-    """How many foreach ops :func:`program` runs for these switches."""
-    return _cached(tuple(sorted(switches.items())))[2]
+    return program(switches).source
 
 
 @functools.cache
-def _cached(key: tuple[tuple[str, int], ...]) -> tuple[Callable[..., None], str, int]:
+def _cached(key: tuple[tuple[str, int], ...]) -> Program:
     run, code = compile_program(dict(key))
-    return run, code, code.count("torch._foreach_")
+    return Program(run, code, code.count("torch._foreach_"))

@@ -76,20 +76,19 @@ def step(
         rounding = None  # bf16 weights: their state rounds to nearest, as they do
     else:
         rounding = _Rounding(_seeds._next_seed() if seed is None else seed, rounded)
-    switched = switches(spec, scalars)
-    run = foreach_program.program(switched)
+    program = foreach_program.program(switches(spec, scalars))
     # one op (plain SGD) reuses nothing from cache: slices would only add calls
-    limit = _batch_elements(params[0]) if foreach_program.op_count(switched) > 1 else sys.maxsize
+    limit = _batch_elements(params[0]) if program.ops > 1 else sys.maxsize
     batch: list[list] = []
     size = 0
     for piece in _pieces(params, grads, hvps, state, roles, limit):
         batch.append(piece)
         size += piece[0].numel()
         if size >= limit:
-            _step_batch(run, scalars, batch, roles, rounding)
+            _step_batch(program.run, scalars, batch, roles, rounding)
             batch, size = [], 0
     if batch:
-        _step_batch(run, scalars, batch, roles, rounding)
+        _step_batch(program.run, scalars, batch, roles, rounding)
 
 
 class _Rounding:

@@ -21,7 +21,6 @@ Offsets are int64 throughout, so tensors over 2**31 elements index correctly.
 
 from __future__ import annotations
 
-import inspect
 import types
 
 import triton
@@ -36,7 +35,7 @@ STATE_ROLES = ("m", "v", "vmax", "gavg", "u")
 # Layout of the capturable scalars tensor: the StepScalars fields, then the rounding seed.
 SCALAR_FIELDS = (*StepScalars._fields, "seed")
 N_SCALARS = len(SCALAR_FIELDS)
-SWITCHES = tuple(n for n in inspect.signature(rule.update).parameters if n.isupper())
+SWITCHES = rule.SWITCHES
 
 
 @triton.jit
