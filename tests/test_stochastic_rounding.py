@@ -63,8 +63,9 @@ def _least_squares_loss(backend: str, state_dtype: torch.dtype | None) -> float:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_state_tracks_fp32_state(backend, monkeypatch):
-    """Through the optimizer: bf16 state ends near fp32 state's loss (measured: within 3 %),
-    where bf16 state rounded to nearest (forced here) ends hundreds of times above it."""
+    """Through the optimizer: bf16 state ends near fp32 state's loss (measured: within 4 %;
+    the 1.5x bound leaves room for the rounding noise of other seeds), where bf16 state
+    rounded to nearest (forced here) ends hundreds of times above it (measured: 700x)."""
     fp32 = _least_squares_loss(backend, None)
     bf16 = _least_squares_loss(backend, torch.bfloat16)
     assert bf16 < 1.5 * fp32

@@ -29,7 +29,8 @@ A backend is a module-level object with:
     the stochastic-rounding seed of bf16 state (an int in [0, 2**31); None: a fresh one
     from a process-wide counter): bf16 state of fp32 or fp16 weights (the params, or the
     master) is rounded stochastically, as Adam's second moment needs (its per-step change
-    is below bf16's resolution, so rounding to nearest stalls it). triton and cuda also
+    is below bf16's resolution, so rounding to nearest stalls it); ``stochastic_rounding=
+    False`` rounds it to nearest even instead. triton and cuda also
     take the device hooks described in :mod:`fastopt.backends.triton_backend`.
 
 Backends are looked up by name through :func:`get`; "auto" picks the fastest one that
