@@ -15,8 +15,10 @@ writers) with what a GPU needs on top:
 * layout experiments (pointer table vs one flat buffer; packing of small tensors) and a
   launch-configuration sweep (``--tune``).
 
-Usage: ``python -m bench.gpu_throughput [--quick] [--tune] [--out bench/results]``; writes
-``throughput_cuda_<GPU>.csv`` and ``.png``.
+Usage: ``python -m bench.gpu_throughput [--quick] [--tune] [--budget SECONDS] [--out
+bench/results]``; writes ``throughput_cuda_<GPU>.csv`` and ``.png``. Measurements run in
+the order of ``plan`` (what the targets lean on first); under ``--budget`` none starts once
+the budget is spent, and the table and the targets are printed from what was measured.
 """
 
 from __future__ import annotations
@@ -377,6 +379,51 @@ def tune(rounds: int) -> list[str]:
     return lines
 
 
+# ---- the order of the run --------------------------------------------------------------------------
+
+TINY = ("tiny",)
+# what the targets lean on most, measured first: a run cut short by its budget keeps them
+FIRST = ("adam", BF16)
+
+
+def plan(optimizers: list[str], sets: list[str], tiny: bool) -> list[tuple[str, ...]]:
+    """The measurements of a run, in order: (optimizer, param set) cells, optimizer by
+    optimizer over every set (a run cut short leaves whole rows of the table), Adam and
+    bf16-state Adam first, then the many-tiny-tensors experiment, then the rest as given."""
+    first = [o for o in FIRST if o in optimizers]
+    rest = [o for o in optimizers if o not in first]
+    cells: list[tuple[str, ...]] = []
+    for group in (first, rest):
+        cells += [(o, s) for o in group for s in sets if s != "gpt2-1B" or o in BIG_OPTIMIZERS]
+        if group is first and tiny:
+            cells.append(TINY)
+    return cells
+
+
+class Budget:
+    """Seconds of measurement from its creation on; ``left_out`` collects what was not run."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+        self.left_out: list[str] = []
+
+    def spent(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+def run_tiny(rounds: int) -> str:
+    """tiny_experiment in a process of its own: a failure there (a CUDA graph that breaks the
+    context) must not take the other measurements with it."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_throughput", "--tiny-only", "--rounds", str(rounds)],
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout + (done.stderr[-2000:] if done.returncode else "")
+
+
 # ---- report ---------------------------------------------------------------------------------------
 
 
@@ -466,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiments", default="layout,tiny", help="extra experiments to run (or none)")
     parser.add_argument("--tiny-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.path.join("bench", "results"))
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=math.inf,
+        help="seconds: no new measurement starts after this; the table and targets still print",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -490,37 +543,37 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(tune(max(3, rounds // 2))))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"throughput_cuda_{gpu_tag()}")
-    rows: list[dict[str, Any]] = []
-    for pset in args.sets.split(","):
+    sets = args.sets.split(",")
+    for pset in sets:
         set_bw = set_copy_bandwidth(PARAM_SETS[pset])
         print(f"{pset}: foreach copy over its tensors {set_bw / 1e9:.0f} GB/s (r+w)", flush=True)
-        for name in optimizers:
-            if pset == "gpt2-1B" and name not in BIG_OPTIMIZERS:
-                continue
+    budget = Budget(args.budget)
+    rows: list[dict[str, Any]] = []
+    tiny_report = None
+    for cell in plan(optimizers, sets, "tiny" in args.experiments):
+        if budget.spent():
+            budget.left_out.append("+".join(cell))
+        elif cell == TINY:
+            tiny_report = run_tiny(rounds)
+        else:
+            name, pset = cell
             rows += run_set(CASE_BY_NAME[name], pset, PARAM_SETS[pset], bandwidth, rounds, meta)
             write_csv(rows, stem + ".csv")  # as it goes: a cut-short run keeps what it measured
     print_table(rows)
     write_png(
         rows, stem + ".png", f"optimizer step throughput, {meta['device_name']}, torch {torch.__version__}"
     )
-    if "layout" in args.experiments:
+    if tiny_report is not None:
+        print("\nmany tiny tensors (Adam fp32, ms):\n" + tiny_report)
+    if "layout" in args.experiments and not budget.spent():
         print("\npointer table vs flat buffer (triton-kernel, Adam fp32, ms):")
         print("\n".join(layout_experiment(rounds)))
-    ratio = None
-    if "tiny" in args.experiments:
-        # its own process: a failure there must not take the measurements above with it
-        import subprocess
-
-        print("\nmany tiny tensors (Adam fp32, ms):", flush=True)
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.gpu_throughput", "--tiny-only", "--rounds", str(rounds)],
-            capture_output=True,
-            text=True,
-        )
-        print(done.stdout + (done.stderr[-2000:] if done.returncode else ""))
-        ratio = graph_ratio(done.stdout)
+    elif "layout" in args.experiments:
+        budget.left_out.append("layout")
+    if budget.left_out:
+        print(f"\nnot measured, the {args.budget:.0f} s budget spent: " + ", ".join(budget.left_out))
     print("\nTargets:")
-    for line in targets(rows, ratio):
+    for line in targets(rows, None if tiny_report is None else graph_ratio(tiny_report)):
         print("  " + line)
     print(f"\nwrote {stem}.csv and {stem}.png")
     return 0

@@ -200,6 +200,56 @@ def test_gpu_graph_ratio_read_from_the_tiny_report():
     assert g.graph_ratio("fastopt-graph failed: RuntimeError: boom\n" + table) == 1.5
 
 
+def test_gpu_plan_measures_what_the_targets_lean_on_first():
+    from bench import gpu_throughput as g
+
+    sets = list(g.PARAM_SETS)
+    cells = g.plan(g.OPTIMIZERS, sets, tiny=True)
+    assert len(cells) == len(set(cells))
+    # Adam and bf16-state Adam over every set, then the tiny-tensor ratio, then the rest
+    head = [(o, s) for o in ("adam", g.BF16) for s in sets] + [g.TINY]
+    assert cells[: len(head)] == head
+    # every optimizer over every set, the 1B set only for those whose state fits beside it
+    expected = {(o, s) for o in g.OPTIMIZERS for s in sets if s != "gpt2-1B" or o in g.BIG_OPTIMIZERS}
+    assert set(cells) - {g.TINY} == expected
+    rest = cells[len(head) :]
+    assert [c[0] for c in rest] == sorted((c[0] for c in rest), key=g.OPTIMIZERS.index)
+    assert g.TINY not in g.plan(["radam", "adam"], ["64M"], tiny=False)
+    assert g.plan(["radam", "adam"], ["64M"], tiny=False) == [("adam", "64M"), ("radam", "64M")]
+
+
+def test_gpu_benchmark_stops_at_its_budget_and_still_reports(capsys, monkeypatch, tmp_path):
+    """Once the budget is spent no measurement starts; the table, the targets and the list
+    of what was left out are printed from what was measured (no GPU: the measuring
+    functions are stood in for)."""
+    from bench import gpu_throughput as g
+
+    measured = []
+
+    def fake_run_set(case, pset, shapes, bandwidth, rounds, meta):
+        measured.append((case.name, pset))
+        return [dict(optimizer=case.name, param_set=pset, provider=g.PRIMARY, ms_median=1.0, gbps=100.0,
+                     roofline_fraction=0.95, tensors=1, elements=1e6)]  # fmt: skip
+
+    checks = iter([False, False, True])  # spent from the third check on
+    monkeypatch.setattr(g.Budget, "spent", lambda self: next(checks, True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(g, "copy_bandwidth", lambda: 3e12)
+    monkeypatch.setattr(g, "set_copy_bandwidth", lambda shapes: 3e12)
+    monkeypatch.setattr(g, "run_set", fake_run_set)
+    monkeypatch.setattr(g, "run_tiny", lambda rounds: pytest.fail("the budget was spent before it"))
+    monkeypatch.setattr(g, "write_png", lambda rows, path, title: None)
+    sets, optimizers = "64M,resnet50", "rmsprop,adam"
+    assert g.main(["--sets", sets, "--optimizers", optimizers, "--budget", "60", "--out", str(tmp_path)]) == 0
+    assert measured == [("adam", "64M"), ("adam", "resnet50")]
+    out = capsys.readouterr().out
+    assert "not measured, the 60 s budget spent: tiny, rmsprop+64M, rmsprop+resnet50, layout" in out
+    assert "[met] adam roofline fraction on 64M (>= 0.9): 0.95" in out
+    assert "rmsprop" not in out.split("not measured")[0]  # no rows for what did not run
+    assert (tmp_path / "throughput_cuda_H100.csv").exists()
+
+
 def test_failures_are_logged_as_they_happen(tmp_path):
     """bench/gpu_session.sh's failure log (tests/failure_log.py) gets each failure's message,
     and nothing of what passed or was skipped."""

@@ -160,7 +160,9 @@ def shared():
 
 
 FAMILY = list(family())
-SLICES = 16
+# on a GPU, slices of about 50 specs: a run cut short at its time limit still reports most
+# of the family (bench/gpu_session.sh); emulated, one spec per kernel in fewer, larger slices
+SLICES = 64 if HAS_CUDA else 16
 
 
 def _hyper(shared, spec: Spec) -> dict:
