@@ -21,7 +21,7 @@ int kernel_count();
 uint32_t kernel_code(int i);
 bool has_kernel(uint32_t code);
 void dtype_codes(int* f32, int* bf16, int* f16);
-const char* set_device(int device);
+const char* set_device(int device, int* previous);
 const char* launch_step(uint32_t code, const int64_t* ptrs, const int64_t* sizes, const int64_t* chunks,
                         int64_t n_chunks, int na, const int* slots, const int* dtypes, int aligned,
                         int64_t chunk, const double* host_scalars, const double* device_scalars,
@@ -44,12 +44,29 @@ void check(const char* error) {
   if (error != nullptr) throw std::runtime_error(std::string("fastopt._cuda: ") + error);
 }
 
+// Makes the tensors' device current for a launch and the caller's current again after it:
+// torch reads the current device from the CUDA runtime, so a device left changed would move
+// the caller's later allocations and launches to it.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) : device_(device) { check(fastopt::cuda::set_device(device, &previous_)); }
+  ~DeviceGuard() {
+    if (previous_ != device_) fastopt::cuda::set_device(previous_, nullptr);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int device_;
+  int previous_ = -1;
+};
+
 void step(uint32_t code, int device, uintptr_t stream, uintptr_t ptrs, uintptr_t sizes, uintptr_t chunks,
           int64_t n_chunks, int na, const std::array<int, 7>& slots, const std::array<int, 3>& dtypes,
           bool aligned, int64_t chunk, const std::array<double, 12>& scalars, uintptr_t device_scalars,
           uintptr_t inv_scale, uintptr_t found_inf, uintptr_t unscale, bool maximize, bool decoupled,
           uint64_t seed) {
-  check(fastopt::cuda::set_device(device));
+  const DeviceGuard guard(device);
   check(fastopt::cuda::launch_step(code, address<const int64_t>(ptrs), address<const int64_t>(sizes),
                                    address<const int64_t>(chunks), n_chunks, na, slots.data(), dtypes.data(),
                                    aligned ? 1 : 0, chunk, scalars.data(), address<const double>(device_scalars),
@@ -60,7 +77,7 @@ void step(uint32_t code, int device, uintptr_t stream, uintptr_t ptrs, uintptr_t
 
 void global_norm(int device, uintptr_t stream, uintptr_t ptrs, uintptr_t sizes, uintptr_t chunks, int64_t n_chunks,
                  int64_t chunk, int dtype, uintptr_t partials, uintptr_t counter, uintptr_t out) {
-  check(fastopt::cuda::set_device(device));
+  const DeviceGuard guard(device);
   check(fastopt::cuda::launch_global_norm(address<const int64_t>(ptrs), address<const int64_t>(sizes),
                                           address<const int64_t>(chunks), n_chunks, chunk, dtype,
                                           address<float>(partials), address<unsigned>(counter), address<float>(out),

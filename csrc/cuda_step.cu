@@ -502,7 +502,13 @@ const char* launch_global_norm(const int64_t* ptrs, const int64_t* sizes, const 
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-const char* set_device(int device) {
+// Makes `device` current; `previous`, when given, receives the device that was current.
+const char* set_device(int device, int* previous) {
+  if (previous != nullptr) {
+    const cudaError_t got = cudaGetDevice(previous);
+    if (got != cudaSuccess) return cudaGetErrorString(got);
+    if (*previous == device) return nullptr;
+  }
   const cudaError_t err = cudaSetDevice(device);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

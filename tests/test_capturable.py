@@ -195,3 +195,52 @@ def test_cuda_graph_replays_the_step(backend, case):
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, **TOL)
     assert all(float(opt.state[p]["step"]) == 7 for p in ours)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_replays_after_its_buffers_leave_the_cache(backend):
+    """What a captured step reads besides the params and the state (the pointer tables, the
+    grad norm's partial sums and completion counter) belongs to the graph: replays after
+    the table cache is cleared, an eager grad norm larger than any before has run, and the
+    freed memory has been handed out again and filled with junk equal the eager steps."""
+    if fastopt.backends.unavailable_reason(backend) is not None:
+        pytest.skip(f"{backend}: {fastopt.backends.unavailable_reason(backend)}")
+    from fastopt.backends import triton_backend
+
+    device = torch.device("cuda")
+    ours = small_params(device)
+    opt = fastopt.Adam(ours, lr=1e-2, max_grad_norm=0.5, backend=backend, capturable=True)
+    static = [torch.zeros_like(p) for p in ours]
+    for p, g in zip(ours, static):
+        p.grad = g
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up steps: plans, state, tables, compiled kernels
+        for step in range(2):
+            torch._foreach_copy_(static, small_grads(step, device))
+            opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    triton_backend.clear_cache()
+    with torch.cuda.stream(stream):  # where the warm-up's tables were allocated
+        big = [torch.randn(2**24 + 7, device=device)]  # more chunks than the shared norm buffers held
+        fastopt.backends.get(backend).global_grad_norm(big)
+        junk = [torch.full((n,), -(2**40), dtype=torch.int64, device=device) for n in range(1, 4096, 3)]
+    torch.cuda.current_stream().wait_stream(stream)
+    for step in range(2, 7):
+        torch._foreach_copy_(static, small_grads(step, device))
+        graph.replay()
+    torch.cuda.synchronize()
+    del junk, big
+    theirs = small_params(device)
+    ref = fastopt.Adam(theirs, lr=1e-2, max_grad_norm=0.5, backend="torch")
+    for step in range(7):
+        for p, g in zip(theirs, small_grads(step, device)):
+            p.grad = g
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, **TOL)

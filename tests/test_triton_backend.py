@@ -23,11 +23,13 @@ differently, by a few times that); a wrong formula misses by far more.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import inspect
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -518,6 +520,53 @@ def test_table_is_cached_and_coalesces_flat_buffers(tb):
     # tensors under 64 elements share packed programs of 64 elements
     assert table2.packed_ids.tolist() == [0, 2] and table2.packed_offs.tolist() == [0, 5, 12]
     assert table2.n_programs == 4 + 1
+
+
+def test_tables_a_graph_captured_outlive_the_cache(tb, monkeypatch):
+    """A captured CUDA graph's replays read the pointer table at the address the capture
+    saw, and nothing else refers to it: a table used while capturing (stood in for on the
+    CPU) stays alive when the cache evicts or forgets it, where another is freed."""
+    monkeypatch.setattr(tb, "_HELD_FOR_GRAPHS", [])
+    alive = []  # the tensors stay alive, so that no address is reused within the test
+
+    def table_buffer(n: int, captured: bool) -> weakref.ref:
+        monkeypatch.setattr(tb, "capturing", lambda device: captured)
+        arrays = [[torch.zeros(n)], [torch.zeros(n)]]
+        alive.append(arrays)
+        return weakref.ref(tb.pointer_table(arrays, ["param", "grad"], 128, torch.device("cpu")).buf)
+
+    captured, plain = table_buffer(100, True), table_buffer(200, False)
+    for i in range(tb._MAX_TABLES):  # evict both from the cache
+        table_buffer(300 + i, False)
+    assert captured() is not None and plain() is None
+    tb.clear_cache()
+    gc.collect()
+    assert captured() is not None
+
+
+def test_norm_buffers_of_a_captured_launch_are_its_own(tb, monkeypatch):
+    """Eager grad-norm launches share one pair of buffers (partial sums, completion counter)
+    per device and stream, replaced by a larger one when too small; a launch being captured
+    gets a pair of its own, kept alive for the graph's replays."""
+    monkeypatch.setattr(tb, "_HELD_FOR_GRAPHS", [])
+    monkeypatch.setattr(tb, "_norm_buffers", {})
+    cpu = torch.device("cpu")
+    eager = tb.norm_buffers(cpu, 10)
+    assert tb.norm_buffers(cpu, 1000) is eager  # large enough: reused
+    monkeypatch.setattr(tb, "capturing", lambda device: True)
+    graph1, graph2 = tb.norm_buffers(cpu, 10), tb.norm_buffers(cpu, 10)
+    pointers = {t.data_ptr() for pair in (eager, graph1, graph2) for t in pair}
+    assert len(pointers) == 6  # no graph shares a buffer with another or with eager launches
+    assert graph1[0].numel() >= 10 and graph1[1].tolist() == [0] and graph1[1].dtype == torch.int32
+    refs = [weakref.ref(t) for t in (*graph1, *eager)]
+    del graph1, graph2
+    monkeypatch.setattr(tb, "capturing", lambda device: False)
+    bigger = tb.norm_buffers(cpu, 5000)
+    assert bigger[0].numel() >= 5000 and bigger[1].tolist() == [0]
+    del eager
+    gc.collect()
+    assert refs[0]() is not None and refs[1]() is not None  # the graph's pair is kept
+    assert refs[2]() is None  # the eager pair it replaced is freed
 
 
 def test_int64_offsets(tb, device):

@@ -237,9 +237,6 @@ def _rounding_key(seed: int | None) -> int:
     return (_tables._next_seed() if seed is None else seed) * 2 + 1
 
 
-_norm_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of all ``grads`` together as a one-element fp32 device tensor: one launch
     per dtype present, deterministic, no host sync (see triton_backend.global_grad_norm)."""
@@ -264,11 +261,7 @@ def _norm_one_dtype(ts: list[torch.Tensor], device: torch.device) -> torch.Tenso
     if table.n_chunks == 0:
         return torch.zeros(1, dtype=torch.float32, device=device)
     out = torch.empty(1, dtype=torch.float32, device=device)
-    partials, counter = _norm_buffers.get(str(device), (None, None))
-    if partials is None or partials.numel() < table.n_chunks:
-        partials = torch.empty(max(table.n_chunks, 1024), dtype=torch.float32, device=device)
-        counter = torch.zeros(1, dtype=torch.int32, device=device)
-        _norm_buffers[str(device)] = (partials, counter)
+    partials, counter = _tables.norm_buffers(device, table.n_chunks)
     index, stream = _device_and_stream(device)
     ext.global_norm(
         device=index,

@@ -34,6 +34,7 @@ in one launch, for gradient clipping without a host sync.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 from collections import OrderedDict
@@ -240,11 +241,31 @@ def pointer_table(
             _TABLES.popitem(last=False)
     else:
         _TABLES.move_to_end(key)
+    if capturing(torch.device(device)):
+        _hold_for_graph(table)
     return table
 
 
+# What a captured CUDA graph reads: a replay reads the table (and the norm's buffers) at the
+# addresses it captured, long after the step that built them, and nothing else refers to
+# them. Evicted from _TABLES or cleared, their memory would go back to the allocator and the
+# replays would step whatever addresses were written there since. A graph is captured once
+# and replayed many times: this keeps a few small buffers per graph, for the process.
+_HELD_FOR_GRAPHS: list[Any] = []
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether the launch about to be queued on ``device`` is being captured in a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _hold_for_graph(obj: Any) -> None:
+    if not any(h is obj for h in _HELD_FOR_GRAPHS):
+        _HELD_FOR_GRAPHS.append(obj)
+
+
 def clear_cache() -> None:
-    """Forget every cached pointer table."""
+    """Forget every cached pointer table (those a CUDA graph captured stay alive)."""
     _TABLES.clear()
 
 
@@ -406,10 +427,11 @@ def step(
     table = pointer_table(arrays, ["param", "grad", *slots], cfg["chunk"], device, pack_below=pack_below)
     if table.n_programs == 0:
         return
-    _launch(
-        table, spec, scalars, len(arrays), slots, (p_dtype, g_dtype, s_dtype), sr, cfg,
-        grad_scale_ptr, found_inf, scalars_tensor, seed, unscale_grads,
-    )  # fmt: skip
+    with on_device(device):
+        _launch(
+            table, spec, scalars, len(arrays), slots, (p_dtype, g_dtype, s_dtype), sr, cfg,
+            grad_scale_ptr, found_inf, scalars_tensor, seed, unscale_grads,
+        )  # fmt: skip
 
 
 def _launch(
@@ -490,7 +512,35 @@ def _launch(
 
 # ---- global gradient norm ---------------------------------------------------------------
 
-_norm_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+_norm_buffers: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def norm_buffers(device: torch.device, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial sums (fp32, at least ``n_chunks``) and the completion counter (int32,
+    zero; each launch leaves it zero again) of a grad-norm launch on ``device``, shared with
+    the CUDA backend.
+
+    Eager launches share one pair per (device, stream): launches on one stream run one after
+    another, while two streams' launches may run at once. A launch being captured in a CUDA
+    graph gets a pair of its own, kept for the process: the graph's replays use it long
+    after, and another launch (or a larger pair replacing this one) must not touch it.
+    """
+    if capturing(device):
+        pair = (
+            torch.empty(max(n_chunks, 1), dtype=torch.float32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device),
+        )
+        _hold_for_graph(pair)
+        return pair
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    pair = _norm_buffers.get(key)
+    if pair is None or pair[0].numel() < n_chunks:
+        pair = _norm_buffers[key] = (
+            torch.empty(max(n_chunks, 1024), dtype=torch.float32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device),
+        )
+    return pair
 
 
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -528,25 +578,30 @@ def _norm_one_dtype(ts: list[torch.Tensor], device: torch.device) -> torch.Tenso
     if table.n_chunks == 0:
         return torch.zeros(1, dtype=torch.float32, device=device)
     out = torch.empty(1, dtype=torch.float32, device=device)
-    key = str(device)
-    partials, counter = _norm_buffers.get(key, (None, None))
-    if partials is None or partials.numel() < table.n_chunks:
-        partials = torch.empty(max(table.n_chunks, 1024), dtype=torch.float32, device=device)
-        counter = torch.zeros(1, dtype=torch.int32, device=device)
-        _norm_buffers[key] = (partials, counter)
-    K.sumsq_kernel[(table.n_chunks,)](
-        table.ptrs,
-        table.sizes,
-        table.chunks,
-        partials,
-        counter,
-        out,
-        table.n_chunks,
-        DT=_tl(ts[0].dtype),
-        ALIGNED=table.aligned,
-        CHUNK=cfg["chunk"],
-        BLOCK=cfg["block"],
-        FINAL_BLOCK=1024,
-        num_warps=cfg["num_warps"],
-    )
+    partials, counter = norm_buffers(device, table.n_chunks)
+    with on_device(device):
+        K.sumsq_kernel[(table.n_chunks,)](
+            table.ptrs,
+            table.sizes,
+            table.chunks,
+            partials,
+            counter,
+            out,
+            table.n_chunks,
+            DT=_tl(ts[0].dtype),
+            ALIGNED=table.aligned,
+            CHUNK=cfg["chunk"],
+            BLOCK=cfg["block"],
+            FINAL_BLOCK=1024,
+            num_warps=cfg["num_warps"],
+        )
     return out
+
+
+def on_device(device: torch.device) -> Any:
+    """A context that makes ``device`` current for a launch: Triton launches on the current
+    device and its current stream, whatever device the pointers it is given are on (the
+    CUDA backend takes the device as an argument instead)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
