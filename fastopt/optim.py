@@ -556,6 +556,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"param group {i}: capturable=True needs the triton or cuda backend (params on a "
                     f"CUDA device); this group runs on the {plan.backend.name} backend"
                 )
+            if self.keeps_step and not group.get("capturable") and _capturing(plan.device):
+                # its step's scalars are host numbers: a graph would replay this step's bias
+                # corrections, schedules and rounding seed forever while 'step' advanced
+                raise RuntimeError(
+                    f"param group {i}: step() is being captured in a CUDA graph, but the group has "
+                    "capturable=False; construct the optimizer with capturable=True"
+                )
         hooks = self._device_grad_scale([plan for _, _, plan in ready])
         grad_scale = 1.0
         if hooks is None:
@@ -830,7 +837,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 event = torch.cuda.Event()
                 self._skip_buffers = (host, event)
             host.copy_(found_inf, non_blocking=True)
-            event.record()
+            event.record(torch.cuda.current_stream(found_inf.device))  # where the copy was queued
         else:
             host, event = found_inf.clone(), None
         self._skip_pending = (host, event, stepped)

@@ -24,6 +24,8 @@ import dataclasses
 import functools
 from typing import Any
 
+import torch
+
 from .optim import FusedOptimizer, ParamsT, check, check_lr
 from .spec import (
     Accumulation,
@@ -200,6 +202,14 @@ def _flags(foreach, fused, capturable, differentiable) -> dict[str, Any]:
 
 def _check_betas(group: dict[str, Any]) -> None:
     betas = group["betas"]
+    for k, beta in enumerate(betas):
+        # read on the host every step: from a device tensor that would be a host sync each
+        # step, and an error while a CUDA graph is being captured
+        if isinstance(beta, torch.Tensor) and beta.device.type != "cpu":
+            raise ValueError(
+                f"betas[{k}] is a tensor on {beta.device}: fastopt reads the betas on the host at "
+                "every step; pass a float (or a CPU tensor)"
+            )
     check(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
     check(0.0 <= betas[1] < 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
 

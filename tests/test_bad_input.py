@@ -233,3 +233,44 @@ def test_fused_and_foreach_together_are_refused_as_torch_does(name):
     for cls in (getattr(torch.optim, name), getattr(fastopt, name)):
         with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
             cls(p, lr=0.1, fused=True, foreach=True)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "NAdam", "RAdam", "Adamax"])
+def test_betas_on_a_device_are_refused(name):
+    """The betas are read on the host at every step: from a device tensor (torch allows
+    them for capturable runs) that would be a host sync per step and an error under CUDA
+    graph capture. A meta tensor stands in for the device here; a CPU tensor is fine."""
+    p = [torch.zeros(2, requires_grad=True)]
+    cls = getattr(fastopt, name)
+    with pytest.raises(ValueError, match=r"betas\[1\] is a tensor on meta"):
+        cls(p, lr=0.1, betas=(0.9, torch.tensor(0.99, device="meta")))
+    opt = cls(p, lr=0.1, betas=(torch.tensor(0.9), 0.99))
+    p[0].grad = torch.ones(2)
+    opt.param_groups[0]["betas"] = (torch.tensor(0.9, device="meta"), 0.99)
+    with pytest.raises(ValueError, match=r"param group 0: betas\[0\] is a tensor on meta"):
+        opt.step()
+    assert not opt.state[p[0]]
+    opt.param_groups[0]["betas"] = (torch.tensor(0.9), 0.99)
+    opt.step()
+    assert not torch.equal(p[0].detach(), torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "Adagrad"])
+def test_capturing_a_group_that_is_not_capturable_is_refused(name, monkeypatch):
+    """Captured, a capturable=False step would replay its host scalars (bias corrections,
+    schedules, the rounding seed) forever while 'step' advanced: an error, as in torch,
+    before anything is modified. (The capture is stood in for on the CPU; torch's SGD has no
+    step count, and a graph of it replays correctly.)"""
+    from fastopt import optim
+
+    params = [torch.randn(3, requires_grad=True)]
+    params[0].grad = torch.randn(3)
+    monkeypatch.setattr(optim, "_capturing", lambda device: True)
+    opt = getattr(fastopt, name)(params, lr=0.1)
+    snap = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="param group 0: step.. is being captured in a CUDA graph, but"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+    sgd = fastopt.SGD(params, lr=0.1, momentum=0.9)
+    sgd.step()
+    assert not torch.equal(params[0].detach(), snap[0][0])
