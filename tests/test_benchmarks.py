@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,6 +250,20 @@ def test_gpu_benchmark_stops_at_its_budget_and_still_reports(capsys, monkeypatch
     assert "[met] adam roofline fraction on 64M (>= 0.9): 0.95" in out
     assert "rmsprop" not in out.split("not measured")[0]  # no rows for what did not run
     assert (tmp_path / "throughput_cuda_H100.csv").exists()
+
+
+def test_gpu_session_names_tests_that_exist():
+    """bench/gpu_session.sh selects test files and test functions by name: a renamed one
+    would stop the GPU session's pytest call with "not found", on the one machine where it
+    cannot be fixed."""
+    tests = Path(__file__).parent
+    script = (tests.parent / "bench" / "gpu_session.sh").read_text()
+    named = re.findall(r"tests/(test_\w+\.py)(?:::(\w+))?", script)
+    assert len({f for f, _ in named}) >= 10 and any(fn for _, fn in named)
+    for file, function in named:
+        assert (tests / file).exists(), file
+        source = (tests / file).read_text()
+        assert not function or re.search(rf"^def {function}\(", source, re.MULTILINE), (file, function)
 
 
 def test_failures_are_logged_as_they_happen(tmp_path):
