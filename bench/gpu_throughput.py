@@ -560,9 +560,9 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_set(CASE_BY_NAME[name], pset, PARAM_SETS[pset], bandwidth, rounds, meta)
             write_csv(rows, stem + ".csv")  # as it goes: a cut-short run keeps what it measured
     print_table(rows)
-    write_png(
-        rows, stem + ".png", f"optimizer step throughput, {meta['device_name']}, torch {torch.__version__}"
-    )
+    title = f"optimizer step throughput, {meta['device_name']}, torch {torch.__version__}"
+    if rows:  # (a budget spent before the first measurement leaves nothing to draw)
+        write_png(rows, stem + ".png", title)
     if tiny_report is not None:
         print("\nmany tiny tensors (Adam fp32, ms):\n" + tiny_report)
     if "layout" in args.experiments and not budget.spent():

@@ -227,6 +227,7 @@ def test_gpu_benchmark_stops_at_its_budget_and_still_reports(capsys, monkeypatch
     from bench import gpu_throughput as g
 
     measured = []
+    real_png = g.write_png
 
     def fake_run_set(case, pset, shapes, bandwidth, rounds, meta):
         measured.append((case.name, pset))
@@ -250,6 +251,11 @@ def test_gpu_benchmark_stops_at_its_budget_and_still_reports(capsys, monkeypatch
     assert "[met] adam roofline fraction on 64M (>= 0.9): 0.95" in out
     assert "rmsprop" not in out.split("not measured")[0]  # no rows for what did not run
     assert (tmp_path / "throughput_cuda_H100.csv").exists()
+    # a budget spent before the first measurement: no rows, still a report and no error
+    monkeypatch.setattr(g.Budget, "spent", lambda self: True)
+    monkeypatch.setattr(g, "write_png", real_png)  # (matplotlib cannot draw no panels)
+    assert g.main(["--sets", sets, "--optimizers", optimizers, "--budget", "0", "--out", str(tmp_path)]) == 0
+    assert "budget spent: adam+64M, adam+resnet50, tiny" in capsys.readouterr().out
 
 
 def test_gpu_session_names_tests_that_exist():
