@@ -40,11 +40,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
 # fastopt._C (CPU), fastopt._host (the step's host passes, against this torch) and
-# fastopt._cuda (build_cuda.py, run by setup.py where nvcc and a CUDA torch are present);
-# a failed build leaves that part out, which the tests then report
-# (FASTOPT_GPU_BUILD=0: a later call on the same warm machine keeps the first call's build)
+# fastopt._cuda (build_cuda.py, run by setup.py where nvcc and a CUDA torch are present),
+# built in place side by side (pip builds them one after another: _C's slowest object
+# takes over a minute on its own); a failed build leaves that part out, which the tests
+# then report. The checkout on PYTHONPATH stands for an install, in the tests' child
+# processes too. (FASTOPT_GPU_BUILD=0: a later call on the same warm machine keeps the
+# first call's build.)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${FASTOPT_GPU_BUILD:-1}" != 0 ]; then
-    python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || echo "pip install failed: see build.log"
+    python3 setup.py -q build_ext --inplace --parallel 16 >"$out/build.log" 2>&1 ||
+        python3 -m pip install --no-build-isolation --no-deps -e . >>"$out/build.log" 2>&1 ||
+        echo "build failed: see build.log"
 fi
 python3 -c "import fastopt; from fastopt import tensor_lists; print({k: v or 'ok' for k, v in fastopt.available_backends().items()}, 'host passes in C++:', tensor_lists.native())" | tee -a "$out/gpu.txt"
 echo "build: $SECONDS s" | tee -a "$out/gpu.txt"
