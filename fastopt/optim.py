@@ -154,11 +154,6 @@ def _check_no_overlap(params: list[torch.Tensor]) -> None:
         reaching.append((end, b))
 
 
-def _capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of ``device``."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _step_count(step: Any) -> int | None:
     """A saved 'step' as an int (a 1-element real tensor or a number), None if it is none."""
     if isinstance(step, torch.Tensor):
@@ -556,7 +551,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"param group {i}: capturable=True needs the triton or cuda backend (params on a "
                     f"CUDA device); this group runs on the {plan.backend.name} backend"
                 )
-            if self.keeps_step and not group.get("capturable") and _capturing(plan.device):
+            if self.keeps_step and not group.get("capturable") and backends.capturing(plan.device):
                 # its step's scalars are host numbers: a graph would replay this step's bias
                 # corrections, schedules and rounding seed forever while 'step' advanced
                 raise RuntimeError(
@@ -588,7 +583,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for i, group, plan in ready:
             self._run_group(i, group, plan, grad_scale, hooks, taken)
         self._unscale_grads(unscaled_apart, found_inf)
-        if found_inf is not None and not _capturing(found_inf.device):
+        if found_inf is not None and not backends.capturing(found_inf.device):
             # the kernels skipped the step if found_inf was set; whether they did is read on
             # the host when it is next needed, by then without a wait
             self._await_skip(found_inf, [plan for _, _, plan in ready])

@@ -47,6 +47,12 @@ import torch
 
 from ..spec import Spec
 
+
+def capturing(device: torch.device) -> bool:
+    """Whether work queued now on ``device`` is being captured in a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 # name -> module path; imported lazily so that a missing extension never breaks import.
 _MODULES = {
     "torch": "fastopt.backends.torch_backend",

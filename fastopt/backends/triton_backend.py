@@ -47,6 +47,7 @@ from .. import tensor_lists
 from ..rule import switches
 from ..scalars import StepScalars
 from ..spec import Denominator, Extra, Spec
+from . import capturing
 
 name = "triton"
 
@@ -252,11 +253,6 @@ def pointer_table(
 # replays would step whatever addresses were written there since. A graph is captured once
 # and replayed many times: this keeps a few small buffers per graph, for the process.
 _HELD_FOR_GRAPHS: list[Any] = []
-
-
-def capturing(device: torch.device) -> bool:
-    """Whether the launch about to be queued on ``device`` is being captured in a CUDA graph."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _hold_for_graph(obj: Any) -> None:
@@ -525,21 +521,20 @@ def norm_buffers(device: torch.device, n_chunks: int) -> tuple[torch.Tensor, tor
     graph gets a pair of its own, kept for the process: the graph's replays use it long
     after, and another launch (or a larger pair replacing this one) must not touch it.
     """
+
+    def new_pair(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        partials = torch.empty(size, dtype=torch.float32, device=device)
+        return partials, torch.zeros(1, dtype=torch.int32, device=device)
+
     if capturing(device):
-        pair = (
-            torch.empty(max(n_chunks, 1), dtype=torch.float32, device=device),
-            torch.zeros(1, dtype=torch.int32, device=device),
-        )
+        pair = new_pair(max(n_chunks, 1))
         _hold_for_graph(pair)
         return pair
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     pair = _norm_buffers.get(key)
     if pair is None or pair[0].numel() < n_chunks:
-        pair = _norm_buffers[key] = (
-            torch.empty(max(n_chunks, 1024), dtype=torch.float32, device=device),
-            torch.zeros(1, dtype=torch.int32, device=device),
-        )
+        pair = _norm_buffers[key] = new_pair(max(n_chunks, 1024))
     return pair
 
 
