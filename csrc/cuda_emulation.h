@@ -41,11 +41,23 @@ struct dim3 {
 
 using cudaStream_t = void*;
 enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidDevice = 101 };
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+// As the runtime's: a failed call's error stays the thread's last error until it is read.
+inline cudaError_t& emulated_last_error() {
+  thread_local cudaError_t last = cudaSuccess;
+  return last;
+}
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emulated_last_error();
+  emulated_last_error() = cudaSuccess;
+  return e;
+}
 inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : "invalid device ordinal (the emulation has device 0 only)";
 }
-inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+inline cudaError_t cudaSetDevice(int device) {
+  if (device == 0) return cudaSuccess;
+  return emulated_last_error() = cudaErrorInvalidDevice;
+}
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;

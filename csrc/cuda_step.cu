@@ -440,6 +440,20 @@ namespace detail {
 KernelFn g_kernels[512] = {};
 }  // namespace detail
 
+namespace {
+// cudaGetLastError() reports the last error of any runtime call on this thread, not only of
+// the launch before it, and this module links its own copy of the runtime: an error left
+// unread (a failed cudaSetDevice) would be reported by the next good launch. Errors are read
+// where they happen, and a launch starts from none. A sticky error (a kernel fault) is not
+// cleared by this and still comes back from the launch.
+void clear_stale_error() { (void)cudaGetLastError(); }
+
+const char* failed(cudaError_t err) {
+  (void)cudaGetLastError();
+  return cudaGetErrorString(err);
+}
+}  // namespace
+
 int kernel_count() { return kCodes.n; }
 
 uint32_t kernel_code(int i) { return (i >= 0 && i < kCodes.n) ? kCodes.code[i] : 0u; }
@@ -486,6 +500,7 @@ const char* launch_step(uint32_t code, const int64_t* ptrs, const int64_t* sizes
   a.seed = seed;
   const KernelFn fn = detail::g_kernels[at];
   if (fn == nullptr) return "a CUDA kernel shard is missing from this build";
+  clear_stale_error();
   FASTOPT_LAUNCH(fn, static_cast<unsigned>(n_chunks), kThreads, static_cast<cudaStream_t>(stream))(a);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -497,6 +512,7 @@ const char* launch_global_norm(const int64_t* ptrs, const int64_t* sizes, const 
   if (n_chunks <= 0) return nullptr;
   if (n_chunks > 0x7fffffffLL) return "too many chunks for one launch";
   const NormArgs a{ptrs, sizes, chunks, n_chunks, chunk, dtype, partials, counter, out};
+  clear_stale_error();
   FASTOPT_LAUNCH_SYNCED(sumsq_kernel, static_cast<unsigned>(n_chunks), kThreads, static_cast<cudaStream_t>(stream))(a);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -506,11 +522,11 @@ const char* launch_global_norm(const int64_t* ptrs, const int64_t* sizes, const 
 const char* set_device(int device, int* previous) {
   if (previous != nullptr) {
     const cudaError_t got = cudaGetDevice(previous);
-    if (got != cudaSuccess) return cudaGetErrorString(got);
+    if (got != cudaSuccess) return failed(got);
     if (*previous == device) return nullptr;
   }
   const cudaError_t err = cudaSetDevice(device);
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return err == cudaSuccess ? nullptr : failed(err);
 }
 
 #endif  // FASTOPT_SHARD == 0

@@ -95,3 +95,19 @@ def device_hooks(request):
 
     with kernel_env("cpu", backend):
         yield torch.device("cpu"), backend
+
+
+def pytest_collection_modifyitems(config, items):
+    """Refuse a test that asks for a fixture nobody defines. pytest reports a missing
+    fixture only when the test sets up, and a skip mark (no GPU here) comes first: a GPU
+    test whose fixture was renamed would pass CI and error on the GPU machine."""
+    missing = []
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:  # not a python function test
+            continue
+        unknown = [n for n in info.names_closure if n != "request" and n not in info.name2fixturedefs]
+        if unknown:
+            missing.append(f"{item.nodeid}: {', '.join(unknown)}")
+    if missing:
+        raise pytest.UsageError("tests ask for fixtures that are not defined:\n" + "\n".join(missing))
