@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from optim_db import OPTIM_DB, cpu_backends
+from test_reliability_hostile import TARGETS, kernel_env
 
 import fastopt
+from fastopt import backends
+from fastopt.scalars import step_scalars
+from fastopt.spec import family
 
 ERROR_CASES = [(info, kw, exc, msg) for info in OPTIM_DB for kw, exc, msg in info.errors]
 
@@ -274,3 +278,24 @@ def test_capturing_a_group_that_is_not_capturable_is_refused(name, monkeypatch):
     sgd = fastopt.SGD(params, lr=0.1, momentum=0.9)
     sgd.step()
     assert not torch.equal(params[0].detach(), snap[0][0])
+
+
+@pytest.mark.parametrize("device,backend", TARGETS, ids=[f"{d}-{b}" for d, b in TARGETS])
+def test_backends_refuse_hessian_vector_products_they_cannot_read(device, backend):
+    """A backend's step called directly with an HVP spec and missing, too few, misshapen or
+    wrongly typed products is a ValueError before anything is stepped: the GPU kernels
+    would read them through a -1 table slot, as a gradient's dtype, or past their end."""
+    spec = next(s for s in family() if s.curvature == 1 and s.state_roles)
+    scalars = step_scalars(spec, dict(lr=0.1), 1)
+    p = torch.ones(5, device=device)
+    g = torch.full((5,), 0.5, device=device)
+    state = {r: [torch.zeros(5, device=device)] for r in spec.state_roles}
+    bad = [None, [], [torch.ones(4, device=device)], [torch.ones(5, dtype=torch.float64, device=device)]]
+    with kernel_env(device, backend):
+        b = backends.get(backend)
+        for hvps in bad:
+            with pytest.raises(ValueError, match="Hessian-vector product"):
+                b.step(spec, scalars, [p], [g], hvps, state)
+        assert p.eq(1).all() and all(s.eq(0).all() for ts in state.values() for s in ts)
+        b.step(spec, scalars, [p], [g], [torch.ones(5, device=device)], state)
+    assert not p.eq(1).any()  # the well-formed call steps

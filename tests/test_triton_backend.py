@@ -544,6 +544,24 @@ def test_tables_a_graph_captured_outlive_the_cache(tb, monkeypatch):
     assert captured() is not None
 
 
+def test_a_table_built_while_capturing_is_not_reused_eagerly(tb, monkeypatch):
+    """A table first built while a graph is captured has its upload recorded in the graph,
+    run only by replays: an eager step over the same tensors (before any replay) must build
+    its own table rather than read that one's unfilled buffer. Capture stood in for."""
+    monkeypatch.setattr(tb, "_HELD_FOR_GRAPHS", [])
+    arrays = [[torch.zeros(100)], [torch.zeros(100)]]
+    monkeypatch.setattr(tb, "capturing", lambda device: True)
+    in_graph = tb.pointer_table(arrays, ["param", "grad"], 128, torch.device("cpu"))
+    monkeypatch.setattr(tb, "capturing", lambda device: False)
+    eager = tb.pointer_table(arrays, ["param", "grad"], 128, torch.device("cpu"))
+    assert eager is not in_graph and any(h is in_graph for h in tb._HELD_FOR_GRAPHS)
+    assert tb.pointer_table(arrays, ["param", "grad"], 128, torch.device("cpu")) is eager
+    # a table built eagerly is the one a later capture uses (and keeps for its graph)
+    monkeypatch.setattr(tb, "capturing", lambda device: True)
+    assert tb.pointer_table(arrays, ["param", "grad"], 128, torch.device("cpu")) is eager
+    assert any(h is eager for h in tb._HELD_FOR_GRAPHS)
+
+
 def test_norm_buffers_of_a_captured_launch_are_its_own(tb, monkeypatch):
     """Eager grad-norm launches share one pair of buffers (partial sums, completion counter)
     per device and stream, replaced by a larger one when too small; a launch being captured
@@ -951,6 +969,26 @@ def test_cuda_graph_capture_replays_new_scalars(tb):
         torch.cuda.synchronize()
         for a, b in zip(graphed.params, eager.params, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_a_table_uploaded_on_a_busy_stream_is_waited_for(tb):
+    """A step on one stream over tensors whose table was built (and its upload queued) on
+    another, still busy, stream must wait for that upload, and keep the table's buffer in
+    use on its own stream once the cache lets it go."""
+    n = 1 << 20
+    p, g = torch.ones(n, device="cuda"), torch.full((n,), 2.0, device="cuda")
+    cfg = tb.launch_config()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time ahead of the upload
+        table = tb.pointer_table([[p], [g]], ["param", "grad"], cfg["chunk"], p.device, cfg["block"])
+    count = len(tb._TABLES)
+    tb.step(Spec(), step_scalars(Spec(), dict(lr=0.25), 1), [p], [g], None, {})
+    assert len(tb._TABLES) == count and torch.cuda.current_stream().cuda_stream in table.streams
+    torch.cuda.synchronize()
+    assert p.eq(0.5).all()
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -53,6 +53,31 @@ def capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def check_hvps(
+    backend: str,
+    spec: Spec,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    hvps: list[torch.Tensor] | None,
+) -> None:
+    """ValueError unless ``hvps`` is what ``step`` needs: None for a gradient-curvature
+    spec, else one product per param, shaped and placed as it and typed as the grads (the
+    kernels read it as a gradient; a narrower or wider dtype would be read as garbage or
+    past its end)."""
+    if spec.curvature != 1:
+        return
+    if hvps is None:
+        raise ValueError(f"fastopt {backend}: {spec.short()} uses Hessian-vector products: pass hvps")
+    if len(hvps) != len(params):
+        raise ValueError(f"fastopt {backend}: {len(hvps)} Hessian-vector products for {len(params)} params")
+    for i, (p, h) in enumerate(zip(params, hvps)):
+        if h.shape != p.shape or h.dtype != grads[i].dtype or h.device != p.device:
+            raise ValueError(
+                f"fastopt {backend}: Hessian-vector product {i} is {tuple(h.shape)} {h.dtype} on {h.device}; "
+                f"its param's gradient is {tuple(p.shape)} {grads[i].dtype} on {p.device}"
+            )
+
+
 # name -> module path; imported lazily so that a missing extension never breaks import.
 _MODULES = {
     "torch": "fastopt.backends.torch_backend",

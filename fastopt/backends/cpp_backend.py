@@ -17,6 +17,7 @@ from .. import tensor_lists
 from ..rule import switches
 from ..scalars import StepScalars
 from ..spec import Spec
+from . import check_hvps
 from . import triton_backend as _seeds  # the stochastic-rounding seeds every backend shares
 
 name = "cpp"
@@ -186,6 +187,7 @@ def step(
         return
     if _C is None:
         raise RuntimeError(unavailable_reason())
+    check_hvps("cpp backend", spec, params, grads, hvps)
     missing = [r for r in spec.state_roles if r not in state]
     if missing:
         raise KeyError(f"fastopt cpp backend: state roles {missing} missing for {spec.short()}")

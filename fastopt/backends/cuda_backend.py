@@ -25,6 +25,7 @@ import torch
 from ..rule import switches
 from ..scalars import StepScalars
 from ..spec import Spec
+from . import check_hvps
 from . import triton_backend as _tables
 
 name = "cuda"
@@ -158,6 +159,7 @@ def step(
     why = supports(spec, device, params[0].dtype)
     if why is not None:
         raise ValueError(why)
+    check_hvps("cuda", spec, params, grads, hvps)
     ext = _module()
     p_dtype, g_dtype = params[0].dtype, grads[0].dtype
     roles = [r for r in ("m", "v", "vmax", "gavg", "u") if r in spec.state_roles]

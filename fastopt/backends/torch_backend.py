@@ -13,7 +13,7 @@ import torch
 from ..rule import switches
 from ..scalars import StepScalars
 from ..spec import Spec
-from . import foreach_program
+from . import check_hvps, foreach_program
 from . import triton_backend as _seeds  # the stochastic-rounding seeds every backend shares
 
 name = "torch"
@@ -69,6 +69,7 @@ def step(
         seed = _seeds.check_seed(seed)
     if not params:
         return
+    check_hvps("torch", spec, params, grads, hvps)
     roles = list(state)
     weights = state["master"][0].dtype if "master" in state else params[0].dtype
     rounded = [r for r in _ROLES if r in state and state[r][0].dtype == torch.bfloat16]

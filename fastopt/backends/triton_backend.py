@@ -47,7 +47,7 @@ from .. import tensor_lists
 from ..rule import switches
 from ..scalars import StepScalars
 from ..spec import Denominator, Extra, Spec
-from . import capturing
+from . import capturing, check_hvps
 
 name = "triton"
 
@@ -130,7 +130,7 @@ class _Table:
 
     __slots__ = (
         "buf", "host", "ptrs", "sizes", "chunks", "packed_ids", "packed_offs", "n_chunks", "n_packed",
-        "packed_elems", "n_programs", "search", "aligned",
+        "packed_elems", "n_programs", "search", "aligned", "streams", "uploaded",
     )  # fmt: skip
 
     def __init__(
@@ -154,8 +154,13 @@ class _Table:
             # pinned + non_blocking: the upload is queued on the stream, the host goes on
             host = host.pin_memory()
             self.buf = host.to(device, non_blocking=True)
+            stream = torch.cuda.current_stream(device)
+            self.streams = {stream.cuda_stream}  # the streams whose launches may read buf
+            # (an upload being captured runs only in the graph's replays: nothing waits on it)
+            self.uploaded = None if capturing(device) else stream.record_event()
         else:
             self.buf = host
+            self.streams = self.uploaded = None
         self.host = host  # kept alive until the (asynchronous) upload has been consumed
         views, at = [], 0
         for part in parts:
@@ -171,6 +176,21 @@ class _Table:
         self.search = -(-max(1, self.n_packed - 1).bit_length() // 4) * 4 if self.n_packed else 0
         # 16-byte aligned addresses let the kernel use 16-byte accesses
         self.aligned = bool((ptrs % 16 == 0).all()) if ptrs.size else True
+
+    def share_with_current_stream(self, device: torch.device) -> None:
+        """Before a launch that reads the table from a stream other than the one it was
+        uploaded on: that stream waits for the upload, and the allocator is told the buffer
+        is in use there (freed by the cache, its memory would otherwise go to the upload
+        stream's next allocation while this stream's launches still read it)."""
+        if self.streams is None:
+            return
+        stream = torch.cuda.current_stream(device)
+        if stream.cuda_stream in self.streams:
+            return
+        if self.uploaded is not None:
+            stream.wait_event(self.uploaded)
+        self.buf.record_stream(stream)
+        self.streams.add(stream.cuda_stream)
 
 
 def _coalesce(ptrs: np.ndarray, sizes: np.ndarray, esizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -234,15 +254,21 @@ def pointer_table(
         sizes.tobytes(),
         tuple(ts[0].dtype for ts in arrays),
     )
+    device = torch.device(device)
+    captured = capturing(device)
     table = _TABLES.get(key)
     if table is None:
         _validate(arrays, names, sizes)
-        table = _TABLES[key] = _Table(ptrs, sizes, esizes, chunk, pack_below, device)
-        if len(_TABLES) > _MAX_TABLES:
-            _TABLES.popitem(last=False)
+        table = _Table(ptrs, sizes, esizes, chunk, pack_below, device)
+        if not captured:  # (a captured upload runs in replays only: no eager step may use it)
+            _TABLES[key] = table
+            if len(_TABLES) > _MAX_TABLES:
+                _TABLES.popitem(last=False)
     else:
         _TABLES.move_to_end(key)
-    if capturing(torch.device(device)):
+        if not captured:  # (torch.cuda.graph synchronizes before it captures)
+            table.share_with_current_stream(device)
+    if captured:
         _hold_for_graph(table)
     return table
 
@@ -383,6 +409,7 @@ def step(
     why = supports(spec, device, params[0].dtype)
     if why is not None:
         raise ValueError(why)
+    check_hvps("triton", spec, params, grads, hvps)
     p_dtype = params[0].dtype
     g_dtype = grads[0].dtype
     roles = [r for r in K.STATE_ROLES if r in spec.state_roles]
