@@ -104,7 +104,8 @@ FASTOPT_HD FASTOPT_INLINE MathScalars<T> math_scalars(const StepScalars& s) {
                         T(s.v_decay), T(s.v_weight),     T(s.v_scale),      T(s.eps)};
 }
 
-// ---- the three helpers of fastopt/rule.py ------------------------------------------------
+// ---- the helpers of fastopt/rule.py -------------------------------------------------------
+// (its divide is plain `/` here: C++, and nvcc without fast math, round the quotient correctly)
 
 FASTOPT_HD FASTOPT_INLINE float fo_sqrt(float x) {
 #if defined(__CUDA_ARCH__)

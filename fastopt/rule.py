@@ -1,8 +1,8 @@
 """The per-element update rule, written once for the Python-driven backends.
 
-:func:`update` is plain Python over an array-like type: it uses only ``+ - *  /``, unary
-minus and the three helpers :func:`sqrt`, :func:`maximum` and :func:`absolute`, which it
-looks up as module globals. It runs as it is on torch tensors. The torch backend traces it
+:func:`update` is plain Python over an array-like type: it uses only ``+ - *``, unary
+minus and the helpers :func:`sqrt`, :func:`divide`, :func:`maximum` and :func:`absolute`,
+which it looks up as module globals. It runs as it is on torch tensors. The torch backend traces it
 with symbolic values into a program of in-place ``torch._foreach_*`` ops
 (:mod:`fastopt.backends.foreach_program`); the Triton backend compiles the very same source
 with those helpers bound to Triton's, so the rule exists once for both. The C++ backends share ``csrc/update_math.h``, which mirrors this function line
@@ -20,6 +20,13 @@ import math
 
 def sqrt(x):
     return math.sqrt(x) if isinstance(x, float | int) else x.sqrt()
+
+
+def divide(a, b):
+    # a helper, not ``/``: Triton's fp32 ``/`` is an approximate division (within 2 ulp),
+    # where torch, NumPy and nvcc round the quotient correctly; the Triton kernels bind this
+    # to a correctly rounded one
+    return a / b
 
 
 def maximum(a, b):
@@ -100,9 +107,9 @@ def update(
         else:
             root = x + eps
         if ADADELTA:
-            precond = sqrt(u * v_scale + eps) / root
+            precond = divide(sqrt(u * v_scale + eps), root)
         else:
-            precond = 1.0 / root
+            precond = divide(1.0, root)
 
     # momentum, then the step
     if DENOMINATOR != 0 and USE_DENOMINATOR:

@@ -1,8 +1,8 @@
 """Triton kernels: the whole rule family as one multi-tensor kernel, plus a global L2 norm.
 
 The per-element rule is not rewritten here. :func:`compile_rule` takes the code object of
-:func:`fastopt.rule.update` and gives it a globals dict in which ``sqrt``, ``maximum`` and
-``absolute`` are Triton device functions; ``triton.jit`` then reads the rule's own source
+:func:`fastopt.rule.update` and gives it a globals dict in which ``sqrt``, ``divide``, ``maximum``
+and ``absolute`` are Triton device functions; ``triton.jit`` then reads the rule's own source
 (through ``inspect``, which follows the code object back to ``fastopt/rule.py``) and resolves
 those names through the new globals. The rule's upper-case switches arrive as ``tl.constexpr``
 values from the kernel, so every ``if`` on them is resolved at compile time and each spec
@@ -45,6 +45,12 @@ def _sqrt(x):
 
 
 @triton.jit
+def _divide(a, b):
+    # correctly rounded, like torch's division (fp32 ``/`` lowers to div.full.f32, 2 ulp)
+    return tl.div_rn(a, b)
+
+
+@triton.jit
 def _maximum(a, b):
     # torch.maximum propagates NaN from either side; tl.maximum does not by default
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
@@ -63,6 +69,7 @@ def compile_rule() -> triton.JITFunction:
         "__builtins__": fn.__globals__["__builtins__"],
         "tl": tl,  # Triton's interpreter looks for triton.language among the globals
         "sqrt": _sqrt,
+        "divide": _divide,
         "maximum": _maximum,
         "absolute": _absolute,
     }
