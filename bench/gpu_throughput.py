@@ -24,12 +24,15 @@ the budget is spent, and the table and the targets are printed from what was mea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import math
 import os
 import re
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +43,9 @@ import torch
 from .shapes import gpt2_small_shapes, numel, resnet50_shapes
 from .throughput import (
     CASE_BY_NAME,
+    FP32_STATE,
     Case,
+    _short_error,
     build_steps,
     bytes_per_step,
     make_params,
@@ -97,7 +102,7 @@ def time_steps(
         per_sample[name] = max(1, min(200, math.ceil(min_ms / max(est, 1e-3))))
     times: dict[str, list[float]] = {n: [] for n in steps}
     names = list(steps)
-    for r in range(rounds):
+    for r in range(rounds if names else 0):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             k = per_sample[name]
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -160,9 +165,15 @@ def _generic(h: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def all_steps(case: Case, pset: str, params, hvps) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
+def all_steps(
+    case: Case, pset: str, params, hvps, compile_ok: bool = True
+) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
+    """Every provider's step of a cell; ``compile_ok`` False leaves the torch.compile'd step
+    out (noted) where too little of the budget is left for its compile."""
     compiled = (case.name, pset) in COMPILED
-    steps, notes = build_steps(case, params, hvps, torch.device("cuda"), compiled)
+    steps, notes = build_steps(case, params, hvps, torch.device("cuda"), compiled and compile_ok)
+    if compiled and not compile_ok:
+        notes["torch-compiled"] = "skipped: too little of the budget left for its compile"
     steps.pop("fastopt-torch", None)  # the portable backend: not a GPU contender
     for backend in ("triton", "cuda"):
         if f"fastopt-{backend}" in steps and (pset != "gpt2-1B" or f"{backend}-kernel" in BIG_PROVIDERS):
@@ -175,9 +186,11 @@ def all_steps(case: Case, pset: str, params, hvps) -> tuple[dict[str, Callable[[
 # ---- the runs -------------------------------------------------------------------------------------
 
 
-def run_set(case: Case, pset: str, shapes, bandwidth: float, rounds: int, meta: dict) -> list[dict[str, Any]]:
-    params, hvps = make_params(shapes, torch.device("cuda"))
-    steps, notes = all_steps(case, pset, params, hvps)
+def run_set(
+    case: Case, pset: str, shapes, bandwidth: float, rounds: int, meta: dict, compile_ok: bool = True
+) -> list[dict[str, Any]]:
+    params, hvps = make_params(shapes, torch.device("cuda"), hvp=False)  # (no GPU case uses H u)
+    steps, notes = all_steps(case, pset, params, hvps, compile_ok)
     t0 = time.perf_counter()
     times = {}
     for name, fn in steps.items():  # warm up one by one: a failure (or compile) stays local
@@ -186,33 +199,43 @@ def run_set(case: Case, pset: str, shapes, bandwidth: float, rounds: int, meta: 
                 fn()
             torch.cuda.synchronize()
         except Exception as exc:  # report it as a row, keep going
-            notes[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            notes[name] = f"failed: {_short_error(exc)}"
     live = {k: v for k, v in steps.items() if k not in notes}
     times = time_steps(live, rounds)
     nbytes = bytes_per_step(case, shapes)
+    # the fp32-state reference of a bf16-state case moves fp32 state's bytes
+    fp32_bytes = bytes_per_step(dataclasses.replace(case, state_dtype=None), shapes)
+    state_dtype = "fp32" + (f"/{str(case.state_dtype)[6:]}-state" if case.state_dtype else "")
     rows = []
     for name in [*live, *notes]:
         ts = times.get(name)
         med = statistics.median(ts) if ts else None
+        moved = fp32_bytes if name.endswith(FP32_STATE) else nbytes
         rows.append(
             dict(
                 benchmark="gpu_throughput",
                 optimizer=case.name,
                 param_set=pset,
                 provider=name,
-                dtype="fp32" + (f"/{str(case.state_dtype)[6:]}-state" if case.state_dtype else ""),
+                dtype="fp32" if name.endswith(FP32_STATE) else state_dtype,
                 ms_median=None if med is None else round(med, 4),
                 ms_p20=None if not ts else round(_quantile(ts, 0.2), 4),
                 ms_p80=None if not ts else round(_quantile(ts, 0.8), 4),
-                gbps=None if med is None else round(nbytes / med / 1e6, 1),
-                roofline_fraction=None if med is None else round(nbytes / bandwidth * 1e3 / med, 3),
-                bytes_per_step=nbytes,
+                gbps=None if med is None else round(moved / med / 1e6, 1),
+                roofline_fraction=None if med is None else round(moved / bandwidth * 1e3 / med, 3),
+                bytes_per_step=moved,
                 tensors=len(shapes),
                 elements=numel(shapes),
                 note=notes.get(name, ""),
                 **meta,
             )
         )
+    # the copy's bandwidth as a row of its own: the plot's roofline
+    rows.append(
+        dict(rows[0], provider="roofline", ms_median=round(nbytes / bandwidth * 1e3, 4), ms_p20=None,
+             ms_p80=None, gbps=round(bandwidth / 1e9, 1), roofline_fraction=1.0, bytes_per_step=nbytes,
+             dtype=state_dtype, note="device-to-device copy of the same run")
+    )  # fmt: skip
     print(f"  {pset:>10} {case.name:<16} {time.perf_counter() - t0:6.1f} s", flush=True)
     del steps, live, params, hvps
     gc.collect()
@@ -242,14 +265,19 @@ def tiny_experiment(rounds: int) -> list[str]:
         steps = {k: v for k, v in steps.items() if k in ("fastopt-triton", "torch-fused", "torch-foreach")}
         steps["triton-kernel"] = kernel_step(case, params, "triton")
         steps["triton-kernel-unpacked"] = _unpacked(kernel_step(case, params, "triton"))
-        steps["triton-graph"] = _graphed(case, params)
-        try:  # the optimizer itself, capturable=True, captured whole
-            steps["fastopt-graph"] = _graphed_optimizer(params)
-        except Exception as exc:  # reported, the other providers still run
-            lines.append(f"fastopt-graph failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-        tb._GPU_CONFIG["pack"] = 0
-        steps["triton-graph-unpacked"] = _graphed(case, params)
-        tb._GPU_CONFIG["pack"] = 1
+        # (the last: the optimizer itself, capturable=True, captured whole)
+        for name, capture, pack in (
+            ("triton-graph", _graphed, 1),
+            ("triton-graph-unpacked", _graphed, 0),
+            ("fastopt-graph", _graphed_optimizer, 1),
+        ):
+            tb._GPU_CONFIG["pack"] = pack
+            try:
+                steps[name] = capture(case, params)
+            except Exception as exc:  # reported, the other providers still run
+                lines.append(f"{name} failed on {pset}: {_short_error(exc)}")
+            finally:
+                tb._GPU_CONFIG["pack"] = 1
         times = time_steps(steps, rounds)
         results[pset] = {k: statistics.median(v) for k, v in times.items()}
         del steps, params
@@ -309,7 +337,7 @@ def _graphed(case: Case, params: list[torch.Tensor]) -> Callable[[], None]:
     return graph.replay
 
 
-def _graphed_optimizer(params: list[torch.Tensor]) -> Callable[[], None]:
+def _graphed_optimizer(case: Case, params: list[torch.Tensor]) -> Callable[[], None]:
     """fastopt.Adam(capturable=True) with a device lr: warmed up on a side stream, then one
     step() captured in a CUDA graph; a replay is a whole optimizer step without host work."""
     import fastopt
@@ -407,20 +435,26 @@ class Budget:
         self.deadline = time.monotonic() + seconds
         self.left_out: list[str] = []
 
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
     def spent(self) -> bool:
-        return time.monotonic() >= self.deadline
+        return self.left() <= 0
 
 
-def run_tiny(rounds: int) -> str:
+def run_tiny(rounds: int, seconds: float | None = None) -> str:
     """tiny_experiment in a process of its own: a failure there (a CUDA graph that breaks the
-    context) must not take the other measurements with it."""
-    import subprocess
-
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_throughput", "--tiny-only", "--rounds", str(rounds)],
-        capture_output=True,
-        text=True,
-    )
+    context) must not take the other measurements with it. ``seconds``: its time limit."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.gpu_throughput", "--tiny-only", "--rounds", str(rounds)],
+            capture_output=True,
+            text=True,
+            timeout=seconds,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        return out + f"stopped at its limit of {seconds:.0f} s"
     return done.stdout + (done.stderr[-2000:] if done.returncode else "")
 
 
@@ -500,6 +534,42 @@ def gpu_tag() -> str:
     return found.group(1) if found else re.sub(r"[^A-Za-z0-9]+", "_", name)
 
 
+# a cell whose torch.compile'd step would start with less of the budget left leaves it out
+COMPILE_SECONDS = 90
+
+
+def _measure(
+    cells: list[tuple[str, ...]],
+    budget: Budget,
+    rounds: int,
+    bandwidth: float,
+    meta: dict,
+    stem: str,
+    rows: list[dict[str, Any]],
+    reports: dict[str, str],
+) -> None:
+    """The plan's cells in order until the budget is spent. ``rows`` is extended (and written)
+    and ``reports`` filled as they come, so that an interrupt keeps what was measured."""
+    for cell in cells:
+        if budget.spent():
+            budget.left_out.append("+".join(cell))
+        elif cell == TINY:
+            reports["tiny"] = run_tiny(
+                rounds, None if math.isinf(budget.left()) else max(budget.left(), 30.0)
+            )
+        else:
+            name, pset = cell
+            try:
+                rows += run_set(CASE_BY_NAME[name], pset, PARAM_SETS[pset], bandwidth, rounds, meta,
+                                compile_ok=budget.left() > COMPILE_SECONDS)  # fmt: skip
+            except Exception as exc:  # one broken cell (out of memory, say) is reported, not fatal
+                print(f"  {pset:>10} {name:<16} failed: {_short_error(exc)}", flush=True)
+                budget.left_out.append(f"{name}+{pset} (failed)")
+                gc.collect()
+                torch.cuda.empty_cache()
+            write_csv(rows, stem + ".csv")  # as it goes: a cut-short run keeps what it measured
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.gpu_throughput", description=__doc__.split("\n\n")[0]
@@ -523,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
+    # the budget counts from the start, torch's and the copy probes' time included; a
+    # SIGTERM (the session's time limit) ends the measuring as Ctrl-C does, not the report
+    budget = Budget(args.budget)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     rounds = args.rounds or (5 if args.quick else 11)
     if args.tiny_only:
         print("\n".join(tiny_experiment(rounds)))
@@ -544,34 +618,34 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"throughput_cuda_{gpu_tag()}")
     sets = args.sets.split(",")
-    for pset in sets:
-        set_bw = set_copy_bandwidth(PARAM_SETS[pset])
-        print(f"{pset}: foreach copy over its tensors {set_bw / 1e9:.0f} GB/s (r+w)", flush=True)
-    budget = Budget(args.budget)
     rows: list[dict[str, Any]] = []
-    tiny_report = None
-    for cell in plan(optimizers, sets, "tiny" in args.experiments):
-        if budget.spent():
-            budget.left_out.append("+".join(cell))
-        elif cell == TINY:
-            tiny_report = run_tiny(rounds)
-        else:
-            name, pset = cell
-            rows += run_set(CASE_BY_NAME[name], pset, PARAM_SETS[pset], bandwidth, rounds, meta)
-            write_csv(rows, stem + ".csv")  # as it goes: a cut-short run keeps what it measured
+    reports: dict[str, str] = {}
+    interrupted = False
+    try:
+        for pset in sets:
+            set_bw = set_copy_bandwidth(PARAM_SETS[pset])
+            print(f"{pset}: foreach copy over its tensors {set_bw / 1e9:.0f} GB/s (r+w)", flush=True)
+        cells = plan(optimizers, sets, "tiny" in args.experiments)
+        _measure(cells, budget, rounds, bandwidth, meta, stem, rows, reports)
+    except KeyboardInterrupt:  # (rows and reports hold what was measured before it)
+        interrupted = True
+        budget.left_out.append("the rest (interrupted)")
+        print("\ninterrupted: reporting what was measured", flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the report finish
     print_table(rows)
+    tiny_report = reports.get("tiny")
     title = f"optimizer step throughput, {meta['device_name']}, torch {torch.__version__}"
     if rows:  # (a budget spent before the first measurement leaves nothing to draw)
         write_png(rows, stem + ".png", title)
     if tiny_report is not None:
         print("\nmany tiny tensors (Adam fp32, ms):\n" + tiny_report)
-    if "layout" in args.experiments and not budget.spent():
+    if "layout" in args.experiments and not (budget.spent() or interrupted):
         print("\npointer table vs flat buffer (triton-kernel, Adam fp32, ms):")
         print("\n".join(layout_experiment(rounds)))
     elif "layout" in args.experiments:
         budget.left_out.append("layout")
     if budget.left_out:
-        print(f"\nnot measured, the {args.budget:.0f} s budget spent: " + ", ".join(budget.left_out))
+        print(f"\nnot measured (budget {args.budget:.0f} s): " + ", ".join(budget.left_out))
     print("\nTargets:")
     for line in targets(rows, None if tiny_report is None else graph_ratio(tiny_report)):
         print("  " + line)

@@ -113,8 +113,13 @@ def _sync(device: torch.device) -> Callable[[], None]:
 
 
 def _short_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-    return text[:160]
+    """The first line of an error, and of its cause (torch.compile's own first line,
+    "backend='inductor' raised:", names none)."""
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:160]
+    cause = exc.__cause__
+    if cause is not None:
+        text += " <- " + f"{type(cause).__name__}: {cause}".strip().splitlines()[0][:160]
+    return text
 
 
 def measure(
@@ -327,14 +332,15 @@ def make_params(shapes: list[Shape], device: torch.device, hvp: bool = True, see
     """Params shared by every provider (each keeps its own state), with fixed gradients
     and, if asked for, H u products. Values stay tame: steps are small, so nothing turns
     denormal."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # drawn where they live: a GPU set of a billion elements drawn on the host takes minutes
+    gen = torch.Generator(device=device).manual_seed(seed)
     params, hvps = [], {}
     for shape in shapes:
-        p = (torch.randn(shape, generator=gen) * 0.1).to(device).requires_grad_()
-        p.grad = torch.randn(shape, generator=gen).to(device)
+        p = (torch.randn(shape, generator=gen, device=device) * 0.1).requires_grad_()
+        p.grad = torch.randn(shape, generator=gen, device=device)
         params.append(p)
         if hvp:
-            hvps[p] = torch.randn(shape, generator=gen).to(device)
+            hvps[p] = torch.randn(shape, generator=gen, device=device)
     return params, hvps
 
 

@@ -229,7 +229,7 @@ def test_gpu_benchmark_stops_at_its_budget_and_still_reports(capsys, monkeypatch
     measured = []
     real_png = g.write_png
 
-    def fake_run_set(case, pset, shapes, bandwidth, rounds, meta):
+    def fake_run_set(case, pset, shapes, bandwidth, rounds, meta, compile_ok=True):
         measured.append((case.name, pset))
         return [dict(optimizer=case.name, param_set=pset, provider=g.PRIMARY, ms_median=1.0, gbps=100.0,
                      roofline_fraction=0.95, tensors=1, elements=1e6)]  # fmt: skip
@@ -241,13 +241,13 @@ def test_gpu_benchmark_stops_at_its_budget_and_still_reports(capsys, monkeypatch
     monkeypatch.setattr(g, "copy_bandwidth", lambda: 3e12)
     monkeypatch.setattr(g, "set_copy_bandwidth", lambda shapes: 3e12)
     monkeypatch.setattr(g, "run_set", fake_run_set)
-    monkeypatch.setattr(g, "run_tiny", lambda rounds: pytest.fail("the budget was spent before it"))
+    monkeypatch.setattr(g, "run_tiny", lambda rounds, seconds: pytest.fail("the budget was spent before it"))
     monkeypatch.setattr(g, "write_png", lambda rows, path, title: None)
     sets, optimizers = "64M,resnet50", "rmsprop,adam"
     assert g.main(["--sets", sets, "--optimizers", optimizers, "--budget", "60", "--out", str(tmp_path)]) == 0
     assert measured == [("adam", "64M"), ("adam", "resnet50")]
     out = capsys.readouterr().out
-    assert "not measured, the 60 s budget spent: tiny, rmsprop+64M, rmsprop+resnet50, layout" in out
+    assert "not measured (budget 60 s): tiny, rmsprop+64M, rmsprop+resnet50, layout" in out
     assert "[met] adam roofline fraction on 64M (>= 0.9): 0.95" in out
     assert "rmsprop" not in out.split("not measured")[0]  # no rows for what did not run
     assert (tmp_path / "throughput_cuda_H100.csv").exists()
@@ -255,7 +255,58 @@ def test_gpu_benchmark_stops_at_its_budget_and_still_reports(capsys, monkeypatch
     monkeypatch.setattr(g.Budget, "spent", lambda self: True)
     monkeypatch.setattr(g, "write_png", real_png)  # (matplotlib cannot draw no panels)
     assert g.main(["--sets", sets, "--optimizers", optimizers, "--budget", "0", "--out", str(tmp_path)]) == 0
-    assert "budget spent: adam+64M, adam+resnet50, tiny" in capsys.readouterr().out
+    assert "(budget 0 s): adam+64M, adam+resnet50, tiny" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_reports_through_a_failed_cell_and_an_interrupt(capsys, monkeypatch, tmp_path):
+    """A cell that raises (out of memory, say) is reported and the run goes on; a SIGTERM
+    (the session's time limit) or Ctrl-C stops the measuring but not the report of what
+    was measured. Little budget left: the torch.compile'd step is not started."""
+    import signal
+
+    from bench import gpu_throughput as g
+
+    calls = []
+
+    def fake_run_set(case, pset, shapes, bandwidth, rounds, meta, compile_ok=True):
+        calls.append((case.name, pset, compile_ok))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)  # as `timeout` sends it
+        return [dict(optimizer=case.name, param_set=pset, provider=g.PRIMARY, ms_median=1.0, gbps=100.0,
+                     roofline_fraction=0.95, tensors=1, elements=1e6)]  # fmt: skip
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(g, "copy_bandwidth", lambda: 3e12)
+    monkeypatch.setattr(g, "set_copy_bandwidth", lambda shapes: 3e12)
+    monkeypatch.setattr(g, "run_set", fake_run_set)
+    monkeypatch.setattr(g, "write_png", lambda rows, path, title: None)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        argv = [
+            "--sets",
+            "64M,resnet50",
+            "--optimizers",
+            "adam,rmsprop",
+            "--experiments",
+            "layout",
+            "--budget",
+            "60",
+        ]
+        assert g.main([*argv, "--out", str(tmp_path)]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    out = capsys.readouterr().out
+    assert calls == [("adam", "64M", False), ("adam", "resnet50", False), ("rmsprop", "64M", False)]
+    assert "64M adam             failed: RuntimeError: CUDA out of memory" in out
+    assert "interrupted: reporting what was measured" in out
+    assert "not measured (budget 60 s): adam+64M (failed), the rest (interrupted), layout" in out
+    table = out.split("interrupted: reporting")[1].split("not measured")[0]
+    assert "== resnet50" in table and "== 64M" not in table  # the one cell measured
+    assert (tmp_path / "throughput_cuda_H100.csv").read_text().count("\n") == 2  # header, the one row
 
 
 def test_gpu_session_names_tests_that_exist():
