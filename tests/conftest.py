@@ -7,6 +7,8 @@ FASTOPT_HYPOTHESIS_PROFILE=thorough for many more examples.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -111,3 +113,26 @@ def pytest_collection_modifyitems(config, items):
             missing.append(f"{item.nodeid}: {', '.join(unknown)}")
     if missing:
         raise pytest.UsageError("tests ask for fixtures that are not defined:\n" + "\n".join(missing))
+
+
+_PREBUILD = pytest.StashKey[subprocess.Popen]()
+
+
+def pytest_collection_finish(session):
+    """A run that includes test_sanitized.py (CI's) starts the builds it needs late in the
+    background (tests/prebuild.py): minutes of compiling on the core the tests leave idle."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or sys.platform != "linux" or torch.cuda.is_available():
+        return
+    if not any(item.nodeid.startswith("tests/test_sanitized.py") for item in session.items):
+        return
+    script = os.path.join(os.path.dirname(__file__), "prebuild.py")
+    session.config.stash[_PREBUILD] = subprocess.Popen(
+        [sys.executable, script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+
+
+def pytest_sessionfinish(session):
+    builder = session.config.stash.get(_PREBUILD, None)
+    if builder is not None and builder.poll() is None:  # a run stopped early: no build left behind
+        os.killpg(builder.pid, signal.SIGTERM)
+        builder.wait()

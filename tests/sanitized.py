@@ -17,6 +17,11 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+
+try:
+    import fcntl
+except ImportError:  # (not on Windows: builds are then not shared between processes)
+    fcntl = None
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,7 +67,19 @@ def cached_build(kind: str, sources: list[str], make: Callable[[Path], list[str]
     if out.exists():
         return out
     HOME.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=HOME, prefix="tmp-"))
+    with open(HOME / f"{kind}.lock", "w") as lock:
+        if fcntl is not None:  # a build of this kind under way elsewhere (tests/prebuild.py): wait
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists():
+            return out
+        _build(kind, out, make)
+    return out
+
+
+def _build(kind: str, out: Path, make: Callable[[Path], list[str]]) -> None:
+    for stale in HOME.glob(f"tmp-{kind}-*"):  # left by a build stopped midway (under the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(dir=HOME, prefix=f"tmp-{kind}-"))
     done = subprocess.run(make(work), capture_output=True, text=True, timeout=1800, cwd=ROOT)
     if done.returncode != 0:
         shutil.rmtree(work, ignore_errors=True)
@@ -75,7 +92,6 @@ def cached_build(kind: str, sources: list[str], make: Callable[[Path], list[str]
     for old in HOME.glob(f"{kind}-*"):  # builds of earlier sources
         if old != out:
             shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 def cpu_extensions() -> Path:
