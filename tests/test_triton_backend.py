@@ -522,6 +522,19 @@ def test_table_is_cached_and_coalesces_flat_buffers(tb):
     assert table2.n_programs == 4 + 1
 
 
+def test_every_part_of_a_table_starts_16_byte_aligned(tb):
+    """Triton compiles a kernel variant per pointer argument's 16-byte alignment: the
+    table's parts (views of one buffer) must all be aligned whatever the tensor counts, or
+    one spec compiles up to four variants."""
+    for n_big, n_small in [(1, 0), (2, 1), (3, 2), (0, 3), (5, 5), (4, 7)]:
+        arrays = [[torch.randn(n) for n in [300] * n_big + [5] * n_small] for _ in range(3)]
+        table = tb.pointer_table(arrays, ["param", "grad", "m"], 128, "cpu", pack_below=64)
+        parts = [table.ptrs, table.sizes, table.chunks, table.packed_ids, table.packed_offs]
+        assert all(part.data_ptr() % 16 == 0 for part in parts), (n_big, n_small)
+        assert table.sizes.tolist() == [300] * n_big + [5] * n_small
+        assert table.packed_offs.tolist() == [5 * i for i in range(n_small + 1)]
+
+
 def test_tables_a_graph_captured_outlive_the_cache(tb, monkeypatch):
     """A captured CUDA graph's replays read the pointer table at the address the capture
     saw, and nothing else refers to it: a table used while capturing (stood in for on the

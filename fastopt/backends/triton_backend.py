@@ -148,7 +148,10 @@ class _Table:
         packed_ids = np.flatnonzero(small)
         packed_offs = np.concatenate([[0], np.cumsum(sizes[packed_ids])])
         parts = [ptrs.ravel(), sizes, chunks.ravel(), packed_ids, packed_offs]
-        host = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+        # each part padded to an even count of int64s: every view starts 16-byte aligned,
+        # whatever the tensor counts (Triton compiles a variant per pointer alignment)
+        padded = [np.concatenate([part, np.zeros(part.size % 2, dtype=np.int64)]) for part in parts]
+        host = torch.from_numpy(np.concatenate(padded).astype(np.int64))
         device = torch.device(device)
         if device.type == "cuda":
             # pinned + non_blocking: the upload is queued on the stream, the host goes on
@@ -163,9 +166,9 @@ class _Table:
             self.streams = self.uploaded = None
         self.host = host  # kept alive until the (asynchronous) upload has been consumed
         views, at = [], 0
-        for part in parts:
+        for part, room in zip(parts, padded, strict=True):
             views.append(self.buf[at : at + part.size])
-            at += part.size
+            at += room.size
         self.ptrs, self.sizes, self.chunks, self.packed_ids, self.packed_offs = views
         self.n_chunks = len(owner)
         self.n_packed = len(packed_ids)
