@@ -17,13 +17,13 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 try:
     import fcntl
 except ImportError:  # (not on Windows: builds are then not shared between processes)
     fcntl = None
-from collections.abc import Callable
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / "build" / "test-builds"

@@ -6,8 +6,8 @@ kernel source built for the CPU (tests/cuda_emulation.py), on CPU tensors, with 
 per compiled kernel instead of the whole family. Where nvcc is on PATH and no GPU build is
 installed (CI), the module is built with nvcc for sm_90 from every csrc/*.cu, linked and
 loaded, and its kernel table checked against the whole family, so that CI catches CUDA
-code that no longer builds or links, and a rule left without a kernel. Tolerances as in test_triton_backend.py (same
-kernels' arithmetic: fp32 math, rounding to the storage dtype).
+code that no longer builds or links, and a rule left without a kernel. Tolerances as in
+test_triton_backend.py (same kernels' arithmetic: fp32 math, rounding to the storage dtype).
 """
 
 from __future__ import annotations

@@ -61,10 +61,9 @@ def test_cpu_extensions_stay_inside_their_tensors(tmp_path):
         "test_reliability_amp",
         "test_stochastic_rounding",
     ]
-    tests = [str(TESTS / f"{name}.py") for name in names]
     # the Triton and CUDA C++ cases of these files run the interpreter or the emulation
     # build, none of the C++ built here (the emulation has a test of its own, below)
-    tests += ["-k", "not triton and not cuda"]
+    tests = [str(TESTS / f"{name}.py") for name in names] + ["-k", "not triton and not cuda"]
     done = subprocess.run(
         # --capture=sys: what the sanitizers write to file descriptor 2 reaches us even
         # when they stop the process in the middle of a test

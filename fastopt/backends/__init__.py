@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from .. import tensor_lists
 from ..spec import Spec
 
 
@@ -61,20 +62,22 @@ def check_hvps(
     hvps: list[torch.Tensor] | None,
 ) -> None:
     """ValueError unless ``hvps`` is what ``step`` needs: None for a gradient-curvature
-    spec, else one product per param, shaped and placed as it and typed as the grads (the
-    kernels read it as a gradient; a narrower or wider dtype would be read as garbage or
-    past its end)."""
+    spec, else one product per param, shaped, typed and placed as its gradient (the
+    kernels read it as one; a narrower or wider dtype would be read as garbage or past its
+    end). The usual case is one pass (C++ where fastopt._host is built)."""
     if spec.curvature != 1:
         return
     if hvps is None:
         raise ValueError(f"fastopt {backend}: {spec.short()} uses Hessian-vector products: pass hvps")
     if len(hvps) != len(params):
         raise ValueError(f"fastopt {backend}: {len(hvps)} Hessian-vector products for {len(params)} params")
-    for i, (p, h) in enumerate(zip(params, hvps)):
-        if h.shape != p.shape or h.dtype != grads[i].dtype or h.device != p.device:
+    if tensor_lists.all_like(hvps, grads):
+        return
+    for i, (g, h) in enumerate(zip(grads, hvps)):
+        if h.shape != g.shape or h.dtype != g.dtype or h.device != g.device or h.layout != torch.strided:
             raise ValueError(
-                f"fastopt {backend}: Hessian-vector product {i} is {tuple(h.shape)} {h.dtype} on {h.device}; "
-                f"its param's gradient is {tuple(p.shape)} {grads[i].dtype} on {p.device}"
+                f"fastopt {backend}: Hessian-vector product {i} is {tuple(h.shape)} {h.dtype} {h.layout} on "
+                f"{h.device}; its gradient is {tuple(g.shape)} {g.dtype} on {g.device}"
             )
 
 
