@@ -175,6 +175,17 @@ def test_gpu_table_prints_speedups(capsys):
     adam = next(line for line in out.splitlines() if line.startswith("adam "))
     assert adam.split()[1:4] == ["1.000", "100", "0.90"] and "1.25x" in adam and "2.00x" in adam
     assert "cuda-kernel" in out and "-" in adam.split()  # a provider without rows shows "-"
+    # fastopt's CUDA C++ backend and a bf16-state case's fp32-state twin have columns too
+    heading = next(line for line in out.splitlines() if line.startswith("optimizer"))
+    extra = [
+        dict(rows[0], optimizer=g.BF16, provider=g.PRIMARY, ms_median=1.0),
+        dict(rows[0], optimizer=g.BF16, provider="fastopt-cuda", ms_median=1.5),
+        dict(rows[0], optimizer=g.BF16, provider=g.PRIMARY + "/fp32-state", ms_median=1.75),
+    ]
+    g.print_table(extra)
+    bf16 = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(g.BF16)).split()
+    columns = heading.split()
+    assert bf16[columns.index("fastopt-cuda")] == "1.50x" and bf16[columns.index("fp32-state")] == "1.75x"
 
 
 def test_gpu_benchmark_refuses_to_run_without_a_gpu(capsys, monkeypatch):
