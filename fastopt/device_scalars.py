@@ -65,6 +65,10 @@ class DeviceScalars:
         self.salt = int(salt)
         self.out = torch.zeros(len(SCALAR_FIELDS), dtype=torch.float64, device=self.device)
         self._nadam_prod: torch.Tensor | None = None
+        # the product before the last factor, and whether that factor is ours to take anew
+        # (not at ``start``: the given product's last factor is not known)
+        self._nadam_before: torch.Tensor | None = None
+        self._nadam_retake: torch.Tensor | None = None
         self._nadam_last_t: torch.Tensor | None = None
         if spec.momentum != Momentum.NONE and spec.mu_schedule == Schedule.NADAM:
             # prod_{i <= start} mu_i and the step it belongs to: copied to the device once,
@@ -72,7 +76,16 @@ class DeviceScalars:
             if product is None:
                 product = nadam_mu_product(start, *nadam_hyper(self.hyper)) if start > 0 else 1.0
             self._nadam_prod = torch.tensor(float(product), dtype=torch.float64, device=self.device)
+            self._nadam_before = self._nadam_prod.clone()
+            self._nadam_retake = torch.zeros((), dtype=torch.bool, device=self.device)
             self._nadam_last_t = torch.tensor(float(start), dtype=torch.float64, device=self.device)
+
+    def set_hyper(self, hyper: dict[str, Any]) -> None:
+        """Compute with ``hyper`` from the next :meth:`compute` on. State carried on the
+        device (NAdam's product) continues: the next step's factor is taken at the new
+        hyperparameters, as torch.optim.NAdam multiplies each step's mu_t, at that step's
+        beta1, into its product."""
+        self.hyper = dict(hyper)
 
     def compute(self, t: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
         """Write the scalars of step ``t`` into :attr:`out` and return it.
@@ -97,10 +110,16 @@ class DeviceScalars:
         return self.out
 
     def _advance_nadam_product(self, t: torch.Tensor, mu_t: Value) -> torch.Tensor:
-        """prod_{i <= t} mu_i: multiplied in when t is a new step, kept when t repeats (a
-        skipped step), in the same order as the host's nadam_mu_product."""
-        assert self._nadam_prod is not None and self._nadam_last_t is not None
+        """prod_{i <= t} mu_i: mu_t multiplied in when t is a new step; when t repeats (the
+        last step was skipped and is taken again) the last factor is taken anew, since beta1
+        may have changed between the tries (torch never multiplies a skipped step's mu_t
+        in). The same order of operations as the host's nadam_mu_product."""
+        prod, before, retake = self._nadam_prod, self._nadam_before, self._nadam_retake
+        assert prod is not None and before is not None and retake is not None
+        assert self._nadam_last_t is not None
         advance = t > self._nadam_last_t
-        self._nadam_prod.copy_(torch.where(advance, self._nadam_prod * mu_t, self._nadam_prod))
+        before.copy_(torch.where(advance, prod, before))
+        retake.logical_or_(advance)
+        prod.copy_(torch.where(retake, before * mu_t, prod))
         self._nadam_last_t.copy_(torch.where(advance, t, self._nadam_last_t))
-        return self._nadam_prod
+        return prod

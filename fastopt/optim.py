@@ -250,8 +250,8 @@ class _Plan:
         self.hvps: list[torch.Tensor] | None = None
         self.version = -1  # optimizer.state's change count when the state lists were taken
         self.scalars: dict[int, StepScalars] = {}  # this step's scalars by step number
-        # capturable groups: (hyperparameters it was made for, DeviceScalars)
-        self.device_scalars: tuple[dict[str, Any], DeviceScalars] | None = None
+        # capturable groups: the step's scalars, computed on the device
+        self.device_scalars: DeviceScalars | None = None
         # by extra state key, the tensor whose views hold it for every param (or None)
         self.extras: dict[str, torch.Tensor | None] = {}
         # this step's AMP inverse loss scale when the backend writes the unscaled gradients
@@ -943,20 +943,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             plan.steps.add_(1.0 if taken is None else taken)
 
     def _device_scalars(self, index: int, group: dict[str, Any], plan: _Plan) -> DeviceScalars:
-        """The capturable group's device-side scalars, made anew when its hyperparameters
-        (other than lr, which is read at every step) change."""
-        hyper = {k: v for k, v in self.group_hyper(group).items() if k != "lr"}
+        """The capturable group's device-side scalars. Made once, from the device's step count
+        and the state's carried product (both read on the host: the host's count may lag
+        after replays); hyperparameters changed since (a scheduler's ``cycle_momentum``
+        changes beta1 before every step) are handed over in place, without a host read."""
+        hyper = {k: v for k, v in self.group_hyper(group).items() if k != "lr"}  # lr: per step
         made = plan.device_scalars
-        if made is None or made[0] != hyper:
-            # the device's step count is the truth (the host's may lag after replays)
+        if made is None:
             start = int(float(plan.steps[0])) if plan.steps is not None else plan.buckets[0].t
             # a carried product (NAdam's) continues from the state's, on the device
             product = self._carried(group, plan.spec, plan.states[0], start) if plan.states else None
-            made = plan.device_scalars = (
-                hyper,
-                DeviceScalars(plan.spec, hyper, plan.device, index, start, product=product),
+            made = plan.device_scalars = DeviceScalars(
+                plan.spec, hyper, plan.device, index, start, product=product
             )
-        return made[1]
+        elif made.hyper != hyper:
+            made.set_hyper(hyper)
+        return made
 
     def _launch(
         self,

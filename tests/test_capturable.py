@@ -244,3 +244,42 @@ def test_cuda_graph_replays_after_its_buffers_leave_the_cache(backend):
         ref.step()
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, **TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_capturable_steps_do_not_synchronize(backend):
+    """Eager capturable steps, as a GradScaler drives them (a scale, found_inf set on some),
+    with a device lr and beta1 changed before each (OneCycleLR's cycle_momentum), make no
+    implicit host synchronization once the plan is made: torch's sync debug mode raises on
+    any (a device value read to the host, a blocking copy). Their values equal the torch
+    backend's, which skips on the host."""
+    if fastopt.backends.unavailable_reason(backend) is not None:
+        pytest.skip(f"{backend}: {fastopt.backends.unavailable_reason(backend)}")
+    device = torch.device("cuda")
+    flags = [0, 0, 1, 0, 1, 1, 0, 0]
+    grads = [small_grads(step, device, 64.0) for step in range(len(flags))]  # made before: copies
+    scale = torch.full((1,), 64.0, device=device)
+    found = [torch.full((1,), float(f), device=device) for f in flags]
+    results = []
+    for name in (backend, "torch"):
+        params = small_params(device)
+        lr = torch.tensor(1e-2, device=device) if name == backend else 1e-2
+        kw = dict(capturable=True) if name == backend else {}
+        opt = fastopt.NAdam(params, lr=lr, backend=name, **kw)
+        for step in range(len(flags)):
+            opt.param_groups[0]["betas"] = (0.9 - 0.02 * step, 0.999)
+            for p, g in zip(params, grads[step]):
+                p.grad = g.clone()
+            opt.grad_scale, opt.found_inf = scale, found[step]
+            checked = name == backend and step >= 2  # the plan, state and tables are made by then
+            torch.cuda.set_sync_debug_mode("error" if checked else "default")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            del opt.grad_scale, opt.found_inf
+        results.append(params)
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, **TOL)

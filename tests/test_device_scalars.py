@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastopt import presets
+from fastopt import presets, scalars
 from fastopt.device_scalars import SCALAR_FIELDS, DeviceScalars
 from fastopt.scalars import StepScalars, nadam_mu_product, rounding_seed, step_scalars
 from fastopt.spec import Schedule, WeightDecay, family
@@ -185,6 +185,27 @@ def test_nadam_product_through_skipped_steps(momentum_decay):
         if bad:
             failures.append((t, bad))
     assert not failures, failures[:5]
+
+
+def test_nadam_skipped_step_retried_at_a_new_beta1():
+    """beta1 changed before every try (a scheduler's cycle_momentum), steps 2 and 4 skipped
+    and tried again: the product holds each taken step's factor at the beta1 it was taken
+    with, as torch.optim.NAdam's 'mu_product' does (a skipped step multiplies nothing in)."""
+    ds = DeviceScalars(NADAM, NADAM_HYPER, "cpu")
+    tries = [1, 2, 2, 3, 4, 4, 4, 5]  # the step number of each try
+    product = 1.0  # torch's: each taken step's mu_t at its beta1
+    for k, t in enumerate(tries):
+        beta1 = 0.9 - 0.01 * k
+        hyper = dict(NADAM_HYPER, mu=beta1)
+        ds.set_hyper(hyper)
+        out = ds.compute(torch.tensor(float(t)), LR)
+        # the host's scalars of this try: its factor at this beta1, the product before it
+        assert not mismatches(
+            out, list(step_scalars(NADAM, hyper, t, LR, mu_product=product)) + [float(rounding_seed(t, 0))]
+        ), (k, t)
+        taken = k + 1 == len(tries) or tries[k + 1] > t
+        if taken:
+            product *= scalars.nadam_mu(t, beta1, NADAM_HYPER["momentum_decay"])
 
 
 @pytest.mark.parametrize("start", [1, 5, 249, 1000])

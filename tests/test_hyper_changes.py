@@ -22,7 +22,7 @@ from helpers import KERNEL_TOL, needs_triton, small_grads, small_params
 from optim_db import cpu_backends
 
 import fastopt
-from fastopt import scalars
+from fastopt import optim, scalars
 
 F64_TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -73,11 +73,20 @@ def test_nadam_follows_a_cycled_beta1_on_triton(triton_device):
 
 @needs_triton
 @pytest.mark.parametrize("capturable", [False, True], ids=["eager", "capturable"])
-def test_skipped_steps_do_not_advance_the_carried_product(triton_device, capturable):
+def test_skipped_steps_do_not_advance_the_carried_product(triton_device, capturable, monkeypatch):
     """beta1 changed at every step, found_inf set on some: the device path (the host's copy
-    of the product put back after a skipped step; capturable: the device's product made
-    anew from the state when beta1 changes) equals the torch backend, which skips on the
-    host."""
+    of the product put back after a skipped step; capturable: the device's product carried
+    on through each change of beta1) equals the torch backend, which skips on the host.
+    A capturable group makes its device scalars once: remaking them at each change would
+    read the step count and product back to the host, a synchronization per step."""
+    made = []
+
+    class Counted(optim.DeviceScalars):
+        def __init__(self, *args, **kwargs):
+            made.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(optim, "DeviceScalars", Counted)
     flags = [0, 1, 0, 1, 1, 0, 0]
     results = []
     for backend in ("triton", "torch"):
@@ -93,6 +102,7 @@ def test_skipped_steps_do_not_advance_the_carried_product(triton_device, captura
             opt.step()
             del opt.grad_scale, opt.found_inf
         results.append((params, opt))
+    assert len(made) == (1 if capturable else 0)
     (ours, opt), (theirs, ref) = results
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **KERNEL_TOL)
