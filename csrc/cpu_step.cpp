@@ -6,6 +6,11 @@
 // CPU supports at load time. The ISA builds use no standard-library templates, so no inline
 // code compiled for AVX2/AVX-512 can be shared with the baseline through the linker.
 //
+// The rule kernels of a build are split over FASTOPT_KERNEL_SHARDS objects, so that a build
+// compiles in parallel on every core: the object of shard k (FASTOPT_KERNEL_SHARD) holds the
+// kernels of the canonical codes whose index is k modulo the shard count, and shard 0 also
+// holds the rest of its instruction set's build (and, in the baseline, the dispatcher).
+//
 // Dispatch: a rule kernel is templated on the packed switches, so its loop has no branches.
 // Only canonical switch codes are instantiated (see kernel_valid): maximize, the gradient
 // scale and decoupled decay are folded into scalars by exact arithmetic (x * 1 == x,
@@ -29,6 +34,19 @@
 #endif
 #ifndef FASTOPT_MAIN
 #define FASTOPT_MAIN 1
+#endif
+#ifndef FASTOPT_KERNEL_SHARDS
+#define FASTOPT_KERNEL_SHARDS 1
+#endif
+#ifndef FASTOPT_KERNEL_SHARD
+#define FASTOPT_KERNEL_SHARD 0
+#endif
+#if FASTOPT_KERNEL_SHARDS < 1 || FASTOPT_KERNEL_SHARDS > 4 || FASTOPT_KERNEL_SHARD < 0 || \
+    FASTOPT_KERNEL_SHARD >= FASTOPT_KERNEL_SHARDS
+#error "FASTOPT_KERNEL_SHARDS: 1 to 4; FASTOPT_KERNEL_SHARD: 0 to FASTOPT_KERNEL_SHARDS - 1"
+#endif
+#if FASTOPT_MAIN && FASTOPT_KERNEL_SHARD != 0
+#error "the dispatcher (FASTOPT_MAIN) belongs to shard 0"
 #endif
 #define FASTOPT_STR2(x) #x
 #define FASTOPT_STR(x) FASTOPT_STR2(x)
@@ -126,7 +144,7 @@ constexpr CodeList make_codes() {
 constexpr CodeList kCodes = make_codes();
 static_assert(kCodes.n > 0 && kCodes.n < 1024, "canonical switch codes");
 
-int find_code(uint32_t code) {
+[[maybe_unused]] int find_code(uint32_t code) {  // (used by shard 0 only)
   int lo = 0, hi = kCodes.n;
   while (lo < hi) {
     int mid = (lo + hi) / 2;
@@ -220,20 +238,72 @@ void kernel(int64_t n, T* p, const T* g, const T* h, S* m, S* v, S* vmax, S* gav
   rule_loop<T, SW, S, false>(n, p, g, h, m, v, vmax, gavg, u, sc, rnd);
 }
 
-template <typename T, typename S, std::size_t... I>
-KernelFn<T, S> lookup(uint32_t code, std::index_sequence<I...>) {
-  static const KernelFn<T, S> table[] = {&kernel<T, kCodes.code[I], S>...};
-  int at = find_code(code);
-  return at < 0 ? nullptr : table[at];
+// The kernels of one shard, by their index j there (code index shard + shards * j).
+struct ShardKernels {
+  const KernelFn<float>* f32;
+  const KernelFn<double>* f64;
+  const KernelFn<float, uint16_t>* f32_bf16_state;
+};
+
+template <int K>
+const ShardKernels* shard_kernels();  // defined in the object of shard K
+
+namespace {  // internal: each shard's tables have the same template arguments, other contents
+template <typename T, typename S, std::size_t... J>
+const KernelFn<T, S>* shard_table(std::index_sequence<J...>) {
+  static const KernelFn<T, S> table[] = {
+      &kernel<T, kCodes.code[FASTOPT_KERNEL_SHARD + FASTOPT_KERNEL_SHARDS * J], S>...};
+  return table;
+}
+}  // namespace
+
+template <>
+const ShardKernels* shard_kernels<FASTOPT_KERNEL_SHARD>() {
+  constexpr int size = (kCodes.n - FASTOPT_KERNEL_SHARD + FASTOPT_KERNEL_SHARDS - 1) / FASTOPT_KERNEL_SHARDS;
+  constexpr auto mine = std::make_index_sequence<static_cast<std::size_t>(size)>();
+  static const ShardKernels kernels = {shard_table<float, float>(mine), shard_table<double, double>(mine),
+                                       shard_table<float, uint16_t>(mine)};
+  return &kernels;
 }
 
-constexpr auto kAll = std::make_index_sequence<static_cast<std::size_t>(kCodes.n)>();
+#if FASTOPT_KERNEL_SHARD == 0
+// the other shards' kernels, defined in their objects
+#if FASTOPT_KERNEL_SHARDS > 1
+template <>
+const ShardKernels* shard_kernels<1>();
+#endif
+#if FASTOPT_KERNEL_SHARDS > 2
+template <>
+const ShardKernels* shard_kernels<2>();
+#endif
+#if FASTOPT_KERNEL_SHARDS > 3
+template <>
+const ShardKernels* shard_kernels<3>();
+#endif
 
-KernelFn<float> find_f32(uint32_t code) { return lookup<float, float>(code, kAll); }
+template <std::size_t... K>
+const ShardKernels* shard_of(int k, std::index_sequence<K...>) {
+  static const ShardKernels* const shards[] = {shard_kernels<static_cast<int>(K)>()...};
+  return shards[k];
+}
 
-KernelFn<double> find_f64(uint32_t code) { return lookup<double, double>(code, kAll); }
+// The kernel of a canonical code (its table in the shard that holds it), or null.
+template <typename T, typename S>
+KernelFn<T, S> lookup(uint32_t code, const KernelFn<T, S>* ShardKernels::*table) {
+  const int at = find_code(code);
+  if (at < 0) return nullptr;
+  const ShardKernels* shard =
+      shard_of(at % FASTOPT_KERNEL_SHARDS, std::make_index_sequence<FASTOPT_KERNEL_SHARDS>());
+  return (shard->*table)[at / FASTOPT_KERNEL_SHARDS];
+}
 
-KernelFn<float, uint16_t> find_f32_bf16_state(uint32_t code) { return lookup<float, uint16_t>(code, kAll); }
+KernelFn<float> find_f32(uint32_t code) { return lookup(code, &ShardKernels::f32); }
+
+KernelFn<double> find_f64(uint32_t code) { return lookup(code, &ShardKernels::f64); }
+
+KernelFn<float, uint16_t> find_f32_bf16_state(uint32_t code) {
+  return lookup(code, &ShardKernels::f32_bf16_state);
+}
 
 int count() { return kCodes.n; }
 
@@ -280,6 +350,7 @@ const IsaImpl* impl() {
                                 &count, &to_float, &from_float, &to_bf16_stochastic};
   return &table;
 }
+#endif  // FASTOPT_KERNEL_SHARD == 0
 
 }  // namespace FASTOPT_ISA_NS
 }  // namespace cpu

@@ -521,6 +521,41 @@ def test_bit_identical_across_instruction_sets(cpp, ext):
     assert not ext.set_isa("no-such-isa")
 
 
+def test_every_kernel_on_every_instruction_set(cpp, ext):
+    """Each instruction-set build has a kernel table of its own, split over several objects
+    (setup.py's KERNEL_SHARDS): every switch code the family reaches (RAdam's from t = 6 on
+    too), in float64, float32 and float32 with bf16 state, steps to the same bits on every
+    build this CPU runs. (The default build is checked against the torch backend above; a
+    table entry that points at another code's kernel, or another shard's, differs here.)"""
+    from fastopt.backends import cpp_backend
+
+    cases = {}  # one (spec, t) per packed switch code
+    for spec in FAMILY:
+        for t in (1, 7):
+            cases.setdefault(cpp_backend._pack(spec, step_scalars(spec, HYPER, t)), (spec, t))
+    assert len(cases) > 200
+    original = ext.isa()
+    results: dict[str, list[torch.Tensor]] = {}
+    try:
+        for isa in ext.available_isas():
+            assert ext.set_isa(isa)
+            results[isa] = []
+            for spec, t in cases.values():
+                for dtype, state_dtype in (
+                    (torch.float64, None),
+                    (torch.float32, None),
+                    (torch.float32, torch.bfloat16),
+                ):
+                    params, state = make_group(spec, [3], dtype, state_dtype)
+                    grads, hvps = make_grads(spec, [3], dtype, t)
+                    cpp.step(spec, step_scalars(spec, HYPER, t), params, grads, hvps, state, seed=7)
+                    results[isa] += all_tensors(params, state)
+    finally:
+        ext.set_isa(original)
+    for isa, tensors in results.items():
+        assert_bitwise_equal(tensors, results[original], f"kernels of {isa}")
+
+
 # ---- the sum of squares of gradient clipping -------------------------------------------------
 
 
