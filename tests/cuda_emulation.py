@@ -48,6 +48,19 @@ def build(sanitize: bool = False) -> Path:
     return path
 
 
+def nvcc_build(arch: str = "90") -> Path:
+    """The folder of the nvcc build of fastopt._cuda for ``sm_<arch>`` beside the CPU torch
+    (the module links no torch and loads without a GPU; only its launches need one): CI's
+    check that every .cu file still compiles and links. Kept with the other test builds
+    and made in the background during a full run (tests/prebuild.py); needs nvcc."""
+
+    def make(work: Path) -> list[str]:
+        build = [sys.executable, str(ROOT / "build_cuda.py"), "--out", str(work), "--without-cuda-torch"]
+        return ["env", f"FASTOPT_CUDA_ARCH={arch}", *build]
+
+    return sanitized.cached_build(f"nvcc_sm{arch}", SOURCES, make)
+
+
 @functools.cache
 def emulation_module() -> ModuleType:
     """The emulation build of fastopt._cuda, loaded."""

@@ -1,8 +1,9 @@
 """Makes the test builds that a full run needs late, while its first tests run.
 
-``python tests/prebuild.py``: the CUDA C++ emulation build, then the AddressSanitizer builds
-of the CPU extensions and of the emulation (tests/sanitized.py, tests/cuda_emulation.py),
-into their shared cache. conftest.py starts it in the background when the run includes
+``python tests/prebuild.py``: the CUDA C++ emulation build, the nvcc compile check of the
+CUDA C++ module (where nvcc is present), then the AddressSanitizer builds of the CPU
+extensions and of the emulation (tests/sanitized.py, tests/cuda_emulation.py), into their
+shared cache. conftest.py starts it in the background when the run includes
 test_sanitized.py: the builds take minutes on two cores, mostly on one, while most tests
 keep one core busy. A test that needs a build still in progress waits for it (a file
 lock); a build that fails here is made, and its failure reported, by the test itself.
@@ -18,8 +19,27 @@ sys.path.insert(0, os.path.dirname(__file__))
 import cuda_emulation  # noqa: E402 - needs the path above
 import sanitized  # noqa: E402
 
+
+def _nvcc_build() -> None:
+    """The nvcc compile check of test_cuda_backend.py, where nvcc is present."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_cuda", cuda_emulation.ROOT / "build_cuda.py")
+    build_cuda = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_cuda)
+    if build_cuda.why_not_built(need_cuda_torch=False) is None:
+        cuda_emulation.nvcc_build()
+
+
 if __name__ == "__main__":
-    for make in (cuda_emulation.build, sanitized.cpu_extensions, lambda: cuda_emulation.build(sanitize=True)):
+    # in the order the tests need them
+    builds = (
+        cuda_emulation.build,
+        _nvcc_build,
+        sanitized.cpu_extensions,
+        lambda: cuda_emulation.build(sanitize=True),
+    )
+    for make in builds:
         try:
             make()
         except Exception as exc:  # the test that needs it builds it again and says why

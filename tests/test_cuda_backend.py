@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-from cuda_emulation import EMULATE, cuda_emulation
+from cuda_emulation import EMULATE, cuda_emulation, nvcc_build
 
 from fastopt.scalars import step_scalars
 from fastopt.spec import Accumulation, Extra, Momentum, Spec, family
@@ -46,7 +43,7 @@ def _build_cuda() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def cuda_module(tmp_path_factory):
+def cuda_module():
     """fastopt._cuda: the installed one, else built here for sm_90 beside the CPU torch (the
     module links no torch and loads without a GPU; only its launches need one), and handed
     to the backend for the duration."""
@@ -58,16 +55,7 @@ def cuda_module(tmp_path_factory):
     reason = _build_cuda().why_not_built(need_cuda_torch=False)
     if reason is not None:
         pytest.skip(f"cannot build fastopt._cuda here: {reason}")
-    out = tmp_path_factory.mktemp("cuda-build")
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "build_cuda.py"), "--out", str(out), "--without-cuda-torch"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, FASTOPT_CUDA_ARCH="90"),
-        timeout=1800,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (path,) = (out / "fastopt").glob("_cuda*.so")
+    (path,) = (nvcc_build("90") / "fastopt").glob("_cuda*.so")
     spec = importlib.util.spec_from_file_location("fastopt._cuda", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
