@@ -94,15 +94,29 @@ def _build(kind: str, out: Path, make: Callable[[Path], list[str]]) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def runnable_isa_builds() -> str | None:
+    """The extra instruction-set builds of fastopt._C that this CPU runs, as setup.py's
+    FASTOPT_ISA_BUILDS takes them ("avx2", "avx2,avx512", "none"), as the installed
+    extension finds them; None where it is not installed."""
+    try:
+        from fastopt import _C
+    except ImportError:
+        return None
+    return ",".join(isa[4:] for isa in _C.available_isas() if isa != "isa_base") or "none"
+
+
 def cpu_extensions() -> Path:
     """A folder whose fastopt/ holds fastopt._C and fastopt._host built with ASan and UBSan
-    (every instruction-set build of the kernels included)."""
+    (every instruction-set build of the kernels that this CPU runs: one it cannot run
+    cannot be checked here)."""
 
     def make(work: Path) -> list[str]:
+        isas = runnable_isa_builds()
         return [
             "env",
             "FASTOPT_SANITIZE=address,undefined",
             "FASTOPT_NO_CUDA=1",
+            *([f"FASTOPT_ISA_BUILDS={isas}"] if isas is not None else []),
             sys.executable,
             "setup.py",
             "-q",
