@@ -675,7 +675,13 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_case(case, pset, shapes, device, args, roofline, meta)
             print(f"  {pset:>10} {case.name:<16} {time.perf_counter() - t0:6.1f} s", flush=True)
     print_table(rows, primary)
-    print("\nTargets:")
+    if set(param_sets) <= set(PARAM_SETS):
+        print("\nTargets:")
+    else:  # (quick, tiny): what the targets say of these sets is no verdict on the full ones
+        print(
+            "\nTargets (set for the full run's param sets; these are smaller and partly fit in the "
+            "caches, so read them as indicative only; `python -m fastopt bench` runs the full sets):"
+        )
     for line in check_targets(rows, primary):
         print("  " + line)
     os.makedirs(args.out, exist_ok=True)
