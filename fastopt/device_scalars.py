@@ -93,7 +93,7 @@ class DeviceScalars:
         ``t``: a 0-dim or 1-element float32/float64 device tensor holding the number of the
         step being taken (>= 1, already incremented). Where the spec carries state from step
         to step (NAdam's momentum product) it must equal the previous call's ``t`` (a step
-        skipped by a GradScaler's found_inf: the state does not advance) or that plus 1,
+        skipped by a GradScaler's found_inf, tried again: its factor is taken anew) or that plus 1,
         the first call's previous ``t`` being ``start``; a larger jump would leave factors
         out of the product, and cannot be seen without synchronizing.
         ``lr``: the param group's lr, a host float or a 0-dim device tensor.
