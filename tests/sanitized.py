@@ -56,10 +56,11 @@ def reports(log_dir: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("asan*")))
 
 
-def cached_build(kind: str, sources: list[str], make: Callable[[Path], list[str]]) -> Path:
+def cached_build(kind: str, sources: list[str], make: Callable[[Path], list[str]], variant: str = "") -> Path:
     """The folder of build ``kind`` of these sources: ``make(dir)`` gives the command that
-    builds into dir, run here if this checkout has no build of the current sources yet."""
-    digest = hashlib.sha256(sysconfig.get_config_var("EXT_SUFFIX").encode())
+    builds into dir, run here if this checkout has no build of the current sources yet
+    (``variant``: what else the build depends on, such as the machine's instruction sets)."""
+    digest = hashlib.sha256(sysconfig.get_config_var("EXT_SUFFIX").encode() + variant.encode())
     for name in sources:
         for path in sorted(ROOT.glob(name)):
             digest.update(path.read_bytes())
@@ -110,8 +111,9 @@ def cpu_extensions() -> Path:
     (every instruction-set build of the kernels that this CPU runs: one it cannot run
     cannot be checked here)."""
 
+    isas = runnable_isa_builds()
+
     def make(work: Path) -> list[str]:
-        isas = runnable_isa_builds()
         return [
             "env",
             "FASTOPT_SANITIZE=address,undefined",
@@ -127,9 +129,8 @@ def cpu_extensions() -> Path:
             str(work / "temp"),
         ]
 
-    out = cached_build(
-        "cpu", ["setup.py", "build_cuda.py", "tests/sanitized.py", "csrc/*.cpp", "csrc/*.h"], make
-    )
+    sources = ["setup.py", "build_cuda.py", "tests/sanitized.py", "csrc/*.cpp", "csrc/*.h"]
+    out = cached_build("cpu", sources, make, variant=f"isa builds: {isas}")
     if not list((out / "fastopt").glob("_C*")):  # setup.py leaves out what fails to build
         raise RuntimeError("the ASan build of fastopt._C is missing (see setup.py's warnings)")
     return out
