@@ -152,11 +152,7 @@ class OptionalBuildExt(build_ext):
         ``FASTOPT_ISA_BUILDS`` (a comma list of avx2, avx512, or none) makes fewer: a test
         build for one machine need not compile what its CPU cannot run."""
         machine = platform.machine().lower()
-        if (
-            not self._gcc_like()
-            or machine not in ("x86_64", "amd64")
-            or os.environ.get("FASTOPT_NO_ISA_BUILDS")
-        ):
+        if not self._gcc_like() or machine not in ("x86_64", "amd64"):
             return []
         chosen = os.environ.get("FASTOPT_ISA_BUILDS")
         if chosen is None:

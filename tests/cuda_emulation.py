@@ -48,11 +48,21 @@ def build(sanitize: bool = False) -> Path:
     return path
 
 
+@functools.cache
+def build_script() -> ModuleType:
+    """build_cuda.py (the build of fastopt._cuda), loaded."""
+    spec = importlib.util.spec_from_file_location("build_cuda", ROOT / "build_cuda.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def nvcc_build(arch: str = "90") -> Path:
     """The folder of the nvcc build of fastopt._cuda for ``sm_<arch>`` beside the CPU torch
     (the module links no torch and loads without a GPU; only its launches need one): CI's
     check that every .cu file still compiles and links. Kept with the other test builds
-    and made in the background during a full run (tests/prebuild.py); needs nvcc."""
+    and made in the background during a full run (tests/prebuild.py); needs nvcc (see
+    ``build_script().why_not_built(need_cuda_torch=False)``)."""
 
     def make(work: Path) -> list[str]:
         build = [sys.executable, str(ROOT / "build_cuda.py"), "--out", str(work), "--without-cuda-torch"]

@@ -22,12 +22,7 @@ import sanitized  # noqa: E402
 
 def _nvcc_build() -> None:
     """The nvcc compile check of test_cuda_backend.py, where nvcc is present."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("build_cuda", cuda_emulation.ROOT / "build_cuda.py")
-    build_cuda = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_cuda)
-    if build_cuda.why_not_built(need_cuda_torch=False) is None:
+    if cuda_emulation.build_script().why_not_built(need_cuda_torch=False) is None:
         cuda_emulation.nvcc_build()
 
 

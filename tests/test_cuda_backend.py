@@ -15,11 +15,10 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-from cuda_emulation import EMULATE, cuda_emulation, nvcc_build
+from cuda_emulation import EMULATE, build_script, cuda_emulation, nvcc_build
 
 from fastopt.scalars import step_scalars
 from fastopt.spec import Accumulation, Extra, Momentum, Spec, family
@@ -34,14 +33,6 @@ needs_gpu = pytest.mark.skipif(
 )
 
 
-def _build_cuda() -> ModuleType:
-    """build_cuda.py (the build of fastopt._cuda), loaded."""
-    loader = importlib.util.spec_from_file_location("build_cuda", ROOT / "build_cuda.py")
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cuda_module():
     """fastopt._cuda: the installed one, else built here for sm_90 beside the CPU torch (the
@@ -52,7 +43,7 @@ def cuda_module():
     if BUILT:
         yield cuda_backend._module()
         return
-    reason = _build_cuda().why_not_built(need_cuda_torch=False)
+    reason = build_script().why_not_built(need_cuda_torch=False)
     if reason is not None:
         pytest.skip(f"cannot build fastopt._cuda here: {reason}")
     (path,) = (nvcc_build("90") / "fastopt").glob("_cuda*.so")
@@ -69,7 +60,7 @@ def test_every_cuda_source_is_compiled_in_ci(cuda_module):
     for sm_90 where no GPU (and so no installed build) is present, as in CI: every .cu
     file is compiled, linked and loaded there, so none can rot unseen."""
     on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").glob("*.cu")}
-    assert on_disk and on_disk <= set(_build_cuda().CU_SOURCES), on_disk
+    assert on_disk and on_disk <= set(build_script().CU_SOURCES), on_disk
     assert cuda_module.kernel_count() > 0
 
 
