@@ -7,6 +7,7 @@ backends have their own tests (tests/test_triton_backend.py, tests/test_cuda_bac
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -18,7 +19,7 @@ import fastopt
 from fastopt import backends, presets
 from fastopt.backends import cpp_backend, torch_backend
 from fastopt.scalars import step_scalars
-from fastopt.spec import Accumulation, Momentum, Spec
+from fastopt.spec import Accumulation, Denominator, Extra, Momentum, Spec
 
 BACKENDS = cpu_backends()
 
@@ -43,6 +44,54 @@ def test_stochastic_rounding_is_unbiased(backend):
     assert set(m[0].float().unique().tolist()) == {1.0, 1.0 + 2**-7}
     sigma = 2**-7 * math.sqrt(0.25 * 0.75 / n)
     assert abs(m[0].double().mean().item() - x) < 5 * sigma
+
+
+# Between them, these round every state role (m, v, vmax, gavg, u), each state role rank
+# (the C++ kernels draw one hash per two ranks) and both halves of a hash.
+_EVERY_ROLE = [
+    Spec(denominator=Denominator.MEAN, centered=True, amsgrad=True, extra=Extra.ADADELTA),
+    Spec(momentum=Momentum.CLASSICAL, denominator=Denominator.MEAN, centered=True, amsgrad=True),
+]
+
+
+@pytest.mark.parametrize("spec", _EVERY_ROLE, ids=["v-vmax-gavg-u", "m-v-vmax-gavg"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_state_role_rounds_unbiased_and_independently(backend, spec):
+    """One step from zero state with every gradient element equal: each role's exact
+    (fp32-state) value x is the same for all elements, and its bf16 copies are x's two bf16
+    neighbours, the upper one as often as x's place between them says. Rounding decisions
+    of different roles are uncorrelated (v and vmax hold the same x: a role reusing another's
+    random bits would round them alike)."""
+    n = 1 << 16
+    hyper = dict(lr=1e-2, mu=0.9, nu=0.99, eps=1e-6)
+
+    def one_step(state_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        state = {r: [torch.zeros(n, dtype=state_dtype)] for r in spec.state_roles}
+        grads = [torch.full((n,), 1.45)]  # each role's x lies 0.2 to 0.6 of a bf16 ulp up
+        backends.get(backend).step(
+            spec, step_scalars(spec, hyper, 1), [torch.zeros(n)], grads, None, state, seed=7
+        )
+        return {r: ts[0].float() for r, ts in state.items()}
+
+    exact, rounded = one_step(torch.float32), one_step(torch.bfloat16)
+    up = {}
+    for role in spec.state_roles:
+        x = exact[role][0].item()
+        assert x > 0 and torch.all(exact[role] == x)
+        # x > 0: its bf16 neighbours are its fp32 bits cut to the top 16, and one more
+        high = torch.tensor([x]).view(torch.int32).item() >> 16
+        down, above = (
+            torch.tensor([k << 16], dtype=torch.int32).view(torch.float32).item() for k in (high, high + 1)
+        )
+        fraction = (x - down) / (above - down)
+        assert 0.1 < fraction < 0.9, (role, fraction)  # a test that can tell rounding modes apart
+        assert set(rounded[role].unique().tolist()) == {down, above}, role
+        up[role] = (rounded[role] == above).double()
+        sigma = math.sqrt(fraction * (1 - fraction) / n)
+        assert abs(up[role].mean().item() - fraction) < 5 * sigma, (role, up[role].mean().item(), fraction)
+    for a, b in itertools.combinations(spec.state_roles, 2):
+        correlation = torch.corrcoef(torch.stack([up[a], up[b]]))[0, 1].item()
+        assert abs(correlation) < 5 / math.sqrt(n), (a, b, correlation)
 
 
 def _least_squares_loss(backend: str, state_dtype: torch.dtype | None) -> float:
