@@ -299,7 +299,9 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
     if (a.maximize) sc.grad_scale = -sc.grad_scale;
     if (!a.decoupled) sc.decay_factor = 1.0f;
     use_denominator = d[12] != 0.0;
-    if (rnd.key != 0) rnd.key = static_cast<uint64_t>(d[13]) * 0x9e3779b97f4a7c15ull + 1;
+    // the key an eager launch gets for that seed (cuda_backend._rounding_key: 2 * seed + 1),
+    // so that capturable=True rounds as capturable=False does
+    if (rnd.key != 0) rnd.key = static_cast<uint64_t>(d[13]) * 2 + 1;
   }
   if (a.inv_scale != nullptr) sc.grad_scale *= *a.inv_scale;
   const float unscale = a.unscale != nullptr ? *a.unscale : 1.0f;

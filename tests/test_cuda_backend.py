@@ -236,6 +236,18 @@ def test_stochastic_rounding_is_unbiased(kernels):
     assert abs(m[0].double().mean().item() - x) < 5 * 2**-7 * math.sqrt(0.25 * 0.75 / n)
 
 
+def test_rounding_seed(kernels, shared):
+    """The Triton tests' checks of the rounding seed (tests/test_triton_backend.py), on this
+    backend: the same seeds round the same, a resumed run as the uninterrupted one, another
+    seed otherwise, a capturable launch as an eager one with its seed; bad seeds refused."""
+    cb, dev = kernels
+    shared._check_same_seed_same_bits(cb, dev)
+    shared._check_resumed_run_same_bits(cb, dev)
+    shared._check_other_seed_other_bits(cb, dev)
+    shared._check_scalars_tensor_seed_rounds_as_eager(cb, dev)
+    shared._check_bad_seeds(cb, dev)
+
+
 def test_global_grad_norm(kernels):
     cb, dev = kernels
     gen = torch.Generator(device=dev).manual_seed(0)

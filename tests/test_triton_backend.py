@@ -838,6 +838,25 @@ def _check_other_seed_other_bits(backend, device) -> None:
     assert not _same_bits(results[7], results[7 + 2**30])
 
 
+def _check_scalars_tensor_seed_rounds_as_eager(backend, device) -> None:
+    """A capturable launch, its seed read from the scalars tensor, rounds as an eager launch
+    given that seed: a group's bits do not depend on capturable=True."""
+    runs = []
+    for capturable in (False, True):
+        params, state, grads = _sr_run(backend, device)
+        for t in range(1, SR_STEPS + 1):
+            sc, seed = step_scalars(ADAM, HYPER, t), rounding_seed(t, 0)
+            if capturable:
+                from fastopt.backends import triton_backend
+
+                st = triton_backend.scalars_tensor(sc, device, seed=seed)
+                backend.step(ADAM, sc, params, grads[t - 1], None, state, scalars_tensor=st)
+            else:
+                backend.step(ADAM, sc, params, grads[t - 1], None, state, seed=seed)
+        runs.append(_bits(params, state))
+    assert _same_bits(runs[0], runs[1])
+
+
 def _check_bad_seeds(backend, device) -> None:
     params, state, grads = _sr_run(backend, device)
     before = _bits(params, state)
@@ -873,6 +892,10 @@ def test_other_seed_rounds_otherwise(tb, device):
     _check_other_seed_other_bits(tb, device)
 
 
+def test_scalars_tensor_seed_rounds_as_eager(tb, device):
+    _check_scalars_tensor_seed_rounds_as_eager(tb, device)
+
+
 def test_seed_out_of_range_is_refused(tb, device):
     _check_bad_seeds(tb, device)
 
@@ -892,22 +915,6 @@ def test_one_launch_draws_independently_per_tensor(tb, device):
     agree = (up[0] == up[1]).double().mean().item()
     assert abs(agree - 0.625) < 5 * math.sqrt(0.625 * 0.375 / n)
     assert 0.1 < up[0].double().mean().item() < 0.4
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not (HAS_CUDA and importlib.util.find_spec("fastopt._cuda") is not None),
-    reason="needs fastopt._cuda and a CUDA GPU (runs on the GPU machine)",
-)
-def test_cuda_backend_rounding_seed_cuda():
-    """The CUDA C++ backend's seed: the same four checks as the Triton tests above."""
-    from fastopt.backends import cuda_backend
-
-    device = torch.device("cuda")
-    _check_same_seed_same_bits(cuda_backend, device)
-    _check_resumed_run_same_bits(cuda_backend, device)
-    _check_other_seed_other_bits(cuda_backend, device)
-    _check_bad_seeds(cuda_backend, device)
 
 
 # ---- global gradient norm --------------------------------------------------------------------

@@ -143,8 +143,8 @@ def step(
     stochastic rounding on (nonzero) and keys the hash, so the map must never give 0. An
     element's bits hash that key, its tensor's index in the table (shifted left 40), its
     state role (shifted left 58) and its index in its tensor. With ``scalars_tensor`` the
-    key is computed in the kernel from the tensor's seed field instead (the argument only
-    switches rounding on), and passing ``seed`` too is a ValueError.
+    kernel makes the key, the same way, from the tensor's seed field instead (the argument
+    only switches rounding on), and passing ``seed`` too is a ValueError.
     """
     if seed is not None:
         seed = _tables.check_seed(seed)
