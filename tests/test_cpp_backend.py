@@ -472,6 +472,27 @@ def test_bit_identical_across_thread_counts(cpp, ext, monkeypatch, spec, dtype, 
         assert_bitwise_equal(tensors, results[1], f"{threads} threads")
 
 
+def test_master_weights_round_bf16_state_as_fp32_params_do(cpp, ext):
+    """bf16 state is rounded in registers for fp32 params, and through fp32 buffers for bf16
+    params with fp32 master weights (run_blocks in csrc/cpu_step.cpp). Stepping the same
+    values, both draw the same random bits: the same rounded state, and masters equal to
+    the fp32 params."""
+    spec = presets.spec("amsgrad")  # m, v, vmax: both halves of one hash, and a second hash
+    sizes = [ext.CHUNK + 700, 5, 3 * 512 + 1]  # over a chunk's end, a tail, over blocks
+    params, state = make_group(spec, sizes, torch.float32, torch.bfloat16)
+    with_master = {r: [x.clone() for x in v] for r, v in state.items()}
+    with_master["master"] = [p.clone() for p in params]
+    low = [p.bfloat16() for p in params]
+    for t in (1, 2):
+        grads = [g.bfloat16() for g in make_grads(spec, sizes, torch.float32, t)[0]]  # fp32 exactly too
+        scalars = step_scalars(spec, HYPER, t)
+        cpp.step(spec, scalars, params, [g.float() for g in grads], None, state, seed=40 + t)
+        cpp.step(spec, scalars, low, grads, None, with_master, seed=40 + t)
+    for role in state:
+        assert_bitwise_equal(state[role], with_master[role], role)
+    assert_bitwise_equal(params, with_master["master"], "master")
+
+
 @pytest.mark.parametrize("value", ["two", "0", "-3"])
 def test_bad_thread_count_is_named(cpp, monkeypatch, value):
     monkeypatch.setenv("FASTOPT_NUM_THREADS", value)
