@@ -80,7 +80,8 @@ struct IsaImpl {
   int (*kernel_count)();
   void (*to_float)(int dtype, const void* src, float* dst, int64_t n);
   void (*from_float)(int dtype, const float* src, void* dst, int64_t n);
-  void (*to_bf16_stochastic)(const float* src, uint16_t* dst, int64_t n, uint32_t key, int64_t first, int shift);
+  void (*to_bf16_stochastic)(const float* lo_src, uint16_t* lo_dst, const float* hi_src, uint16_t* hi_dst,
+                             int64_t n, uint32_t key, int64_t first);
 };
 
 // Everything outside FASTOPT_ISA_NS has internal linkage, so that no ISA build's copy of it
@@ -357,14 +358,32 @@ void from_float(int dtype, const float* __restrict src, void* dst, int64_t n) {
   }
 }
 
-// bf16 with stochastic rounding: element i's random bits hash `key` (the launch's seed, the
-// tensor and the role's pair) with its index first + i in the tensor, so they do not depend
-// on how the step is cut into chunks and threads; `shift` picks the role's half (Rounding).
-void to_bf16_stochastic(const float* __restrict src, uint16_t* __restrict dst, int64_t n, uint32_t key,
-                        int64_t first, int shift) {
-  // 32-bit counters, so that the loop vectorizes (the caller's key holds the high half)
-  uint32_t c = static_cast<uint32_t>(first);
-  for (int64_t i = 0; i < n; ++i, ++c) dst[i] = bf16_stochastic(src[i], mix32(key ^ c) >> shift);
+// bf16 with stochastic rounding of the two state roles of a pair (see Rounding), `lo` and
+// `hi` (one of them may be null): element i's random bits hash `key` (the launch's seed, the
+// tensor and the pair) with its index first + i in the tensor, so they do not depend on how
+// the step is cut into chunks and threads. One hash rounds both roles' elements i.
+void to_bf16_stochastic(const float* lo_src, uint16_t* lo_dst, const float* hi_src, uint16_t* hi_dst, int64_t n,
+                        uint32_t key, int64_t first) {
+  // 32-bit counters, so that the loops vectorize (the caller's key holds the high half)
+  const uint32_t c0 = static_cast<uint32_t>(first);
+  const float* __restrict a = lo_src;
+  const float* __restrict b = hi_src;
+  uint16_t* __restrict x = lo_dst;
+  uint16_t* __restrict y = hi_dst;
+  if (x != nullptr && y != nullptr) {
+    uint32_t c = c0;
+    for (int64_t i = 0; i < n; ++i, ++c) {
+      const uint32_t w = mix32(key ^ c);
+      x[i] = bf16_stochastic(a[i], w);
+      y[i] = bf16_stochastic(b[i], w >> 16);
+    }
+  } else if (x != nullptr) {
+    uint32_t c = c0;
+    for (int64_t i = 0; i < n; ++i, ++c) x[i] = bf16_stochastic(a[i], mix32(key ^ c));
+  } else if (y != nullptr) {
+    uint32_t c = c0;
+    for (int64_t i = 0; i < n; ++i, ++c) y[i] = bf16_stochastic(b[i], mix32(key ^ c) >> 16);
+  }
 }
 
 const IsaImpl* impl() {
@@ -667,6 +686,23 @@ T* role_ptr(const Plan& pl, int role, int64_t t, int64_t begin) {
   return reinterpret_cast<T*>(pl.group->ptrs[role][t]) + begin;
 }
 
+// Rounds the elements [at, at + len) of tensor t of pair j's state roles `lo` and `hi` (-1:
+// not rounded so) to bf16 stochastically, from their fp32 buffers. 32-bit counters: a run
+// that crosses into the next 2^32 elements of its tensor is two, each with its own key.
+void store_stochastic(const Plan& pl, int64_t t, int64_t at, int64_t len, int j, int lo, int hi,
+                      const float (*buf)[BLOCK], char* const* base) {
+  for (int64_t done = 0; done < len;) {
+    const int64_t first = at + done;
+    const int64_t room = static_cast<int64_t>((uint64_t{1} << 32) - static_cast<uint32_t>(first));
+    const int64_t k = std::min(len - done, room);
+    auto src = [&](int role) { return role < 0 ? nullptr : buf[role] + done; };
+    auto dst = [&](int role) { return role < 0 ? nullptr : reinterpret_cast<uint16_t*>(base[role]) + done; };
+    pl.isa->to_bf16_stochastic(src(lo), dst(lo), src(hi), dst(hi), k, pair_key(tensor_key(pl.seed, t, first), j),
+                               first);
+    done += k;
+  }
+}
+
 void run_blocks(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
   const Group& grp = *pl.group;
   const bool master = pl.used[MASTER];
@@ -689,27 +725,26 @@ void run_blocks(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
     }
     float* p = master ? arg[MASTER] : arg[P];
     pl.kf(len, p, arg[G], arg[H], arg[M], arg[V], arg[VMAX], arg[GAVG], arg[U], &pl.sf, Rounding{0, 0});
-    int rank = 0;  // of the state role among those the rule stores (see Rounding)
+    // the state: rounded to nearest, or to bf16 stochastically by pairs of ranks (Rounding)
+    int stochastic[NUM_ROLES];  // by rank: the role, where it is rounded stochastically, else -1
+    int ranks = 0;
     for (int role : WRITTEN_ROLES) {
-      if (role == P && master) continue;
-      if (!pl.used[role]) continue;
-      const int my_rank = role == P ? -1 : rank++;
-      if (grp.dtypes[role] == F32) continue;
-      if (role != P && pl.seed != 0 && grp.dtypes[role] == BF16) {
-        // 32-bit counters: a block that crosses into the next 2^32 elements is two runs
-        for (int64_t done = 0; done < len;) {
-          const int64_t at = begin + b + done;
-          const int64_t room = static_cast<int64_t>((uint64_t{1} << 32) - static_cast<uint32_t>(at));
-          const int64_t k = std::min(len - done, room);
-          pl.isa->to_bf16_stochastic(buf[role] + done, reinterpret_cast<uint16_t*>(base[role]) + done, k,
-                                     pair_key(tensor_key(pl.seed, t, at), my_rank / 2), at, rank_shift(my_rank));
-          done += k;
-        }
-      } else {
-        pl.isa->from_float(grp.dtypes[role], buf[role], base[role], len);
-      }
+      if (role == P || !pl.used[role]) continue;
+      const int dt = grp.dtypes[role];
+      const bool sr = pl.seed != 0 && dt == BF16;
+      stochastic[ranks++] = sr ? role : -1;
+      if (dt != F32 && !sr) pl.isa->from_float(dt, buf[role], base[role], len);
     }
-    if (master) pl.isa->from_float(grp.dtypes[P], arg[MASTER], base[P], len);
+    for (int r = 0; r < ranks; r += 2) {
+      const int lo = stochastic[r], hi = r + 1 < ranks ? stochastic[r + 1] : -1;
+      if (lo >= 0 || hi >= 0) store_stochastic(pl, t, begin + b, len, r / 2, lo, hi, buf, base);
+    }
+    // the param: from the master, or its buffer (never rounded stochastically)
+    if (master) {
+      pl.isa->from_float(grp.dtypes[P], arg[MASTER], base[P], len);
+    } else if (grp.dtypes[P] != F32) {
+      pl.isa->from_float(grp.dtypes[P], buf[P], base[P], len);
+    }
   }
 }
 
