@@ -633,7 +633,7 @@ void parallel_chunks(int threads, int64_t tasks, const std::function<void(int64_
 
 constexpr int64_t BLOCK = 512;  // elements per conversion block (buffers stay in L1)
 constexpr int KERNEL_ROLES[] = {P, G, H, M, V, VMAX, GAVG, U};
-constexpr int WRITTEN_ROLES[] = {P, M, V, VMAX, GAVG, U};
+constexpr int STATE_ROLES[] = {M, V, VMAX, GAVG, U};  // in the order of their ranks (Rounding)
 
 int64_t dtype_size(int dtype) { return dtype == F64 ? 8 : (dtype == F32 ? 4 : 2); }
 
@@ -728,8 +728,8 @@ void run_blocks(const Plan& pl, int64_t t, int64_t begin, int64_t n) {
     // the state: rounded to nearest, or to bf16 stochastically by pairs of ranks (Rounding)
     int stochastic[NUM_ROLES];  // by rank: the role, where it is rounded stochastically, else -1
     int ranks = 0;
-    for (int role : WRITTEN_ROLES) {
-      if (role == P || !pl.used[role]) continue;
+    for (int role : STATE_ROLES) {
+      if (!pl.used[role]) continue;
       const int dt = grp.dtypes[role];
       const bool sr = pl.seed != 0 && dt == BF16;
       stochastic[ranks++] = sr ? role : -1;

@@ -841,14 +841,14 @@ def _check_other_seed_other_bits(backend, device) -> None:
 def _check_scalars_tensor_seed_rounds_as_eager(backend, device) -> None:
     """A capturable launch, its seed read from the scalars tensor, rounds as an eager launch
     given that seed: a group's bits do not depend on capturable=True."""
+    from fastopt.backends import triton_backend  # (the scalars tensor of both GPU backends)
+
     runs = []
     for capturable in (False, True):
         params, state, grads = _sr_run(backend, device)
         for t in range(1, SR_STEPS + 1):
             sc, seed = step_scalars(ADAM, HYPER, t), rounding_seed(t, 0)
             if capturable:
-                from fastopt.backends import triton_backend
-
                 st = triton_backend.scalars_tensor(sc, device, seed=seed)
                 backend.step(ADAM, sc, params, grads[t - 1], None, state, scalars_tensor=st)
             else:
